@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from keyetron.backend.attention import varlen_attention
+from keyetron.model.checkpointing import CheckpointableBlock
 from keyetron.model.config import TextConfig
 from keyetron.model.rope import apply_rotary, sectioned_rope
 
@@ -61,23 +61,17 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(CheckpointableBlock):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
-        self.activation_checkpointing = False
 
-    def _forward(self, x, cos, sin, cu_seqlens):
+    def block_forward(self, x, cos, sin, cu_seqlens):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens)
         return x + self.mlp(self.post_attention_layernorm(x))
-
-    def forward(self, x, cos, sin, cu_seqlens):
-        if self.activation_checkpointing and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, cos, sin, cu_seqlens, use_reentrant=False)
-        return self._forward(x, cos, sin, cu_seqlens)
 
 
 class Qwen3LM(nn.Module):

@@ -13,9 +13,9 @@ import functools
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from keyetron.backend.attention import varlen_attention
+from keyetron.model.checkpointing import CheckpointableBlock
 from keyetron.model.config import VisionConfig
 from keyetron.model.rope import apply_rotary, vision_rope
 
@@ -96,23 +96,17 @@ class VisionMLP(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
-class VisionBlock(nn.Module):
+class VisionBlock(CheckpointableBlock):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.self_attn = VisionAttention(cfg)
         self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = VisionMLP(cfg)
-        self.activation_checkpointing = False
 
-    def _forward(self, x, cu_seqlens, cos, sin):
+    def block_forward(self, x, cu_seqlens, cos, sin):
         x = x + self.self_attn(self.layer_norm1(x), cu_seqlens, cos, sin)
         return x + self.mlp(self.layer_norm2(x))
-
-    def forward(self, x, cu_seqlens, cos, sin):
-        if self.activation_checkpointing and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, cu_seqlens, cos, sin, use_reentrant=False)
-        return self._forward(x, cu_seqlens, cos, sin)
 
 
 def frame_cu_seqlens(grid_thw: torch.Tensor, device) -> torch.Tensor:

@@ -51,7 +51,12 @@ def test_activation_checkpointing_changes_nothing_but_memory(tiny_cfg):
     for ac in (False, True):
         model = build_model(tiny_cfg, dtype=torch.float64, seed=0)
         set_activation_checkpointing(model, vit=ac, llm=[1] if ac else False)
+        calls = {0: 0, 1: 0}
+        for i in calls:
+            model.llm.layers[i].mlp.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
         model(batch).loss_sum.backward()
+        # A checkpointed block runs its forward again during backward; the others do not.
+        assert calls == ({0: 1, 1: 2} if ac else {0: 1, 1: 1})
         grads.append([p.grad for p in model.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
