@@ -30,6 +30,27 @@ class Document:
     vision_grid_thw: torch.Tensor | None = None  # (items, 3) long, in patches
     sample_id: str = ""
 
+    def __post_init__(self):
+        n = self.input_ids.numel()
+        problems = []
+        if self.input_ids.dim() != 1:
+            problems.append(f"input_ids must be 1-D, got shape {tuple(self.input_ids.shape)}")
+        if tuple(self.targets.shape) != (n,):
+            problems.append(f"targets shape {tuple(self.targets.shape)} != ({n},)")
+        if tuple(self.position_ids.shape) != (3, n):
+            problems.append(f"position_ids shape {tuple(self.position_ids.shape)} != (3, {n})")
+        if (self.pixel_values is None) != (self.vision_grid_thw is None):
+            problems.append("pixel_values and vision_grid_thw must be given together")
+        elif self.pixel_values is not None and int(self.vision_grid_thw.prod(dim=1).sum()) != self.pixel_values.shape[0]:
+            problems.append(f"grids {self.vision_grid_thw.tolist()} need {int(self.vision_grid_thw.prod(dim=1).sum())} "
+                            f"patches, pixel_values has {self.pixel_values.shape[0]}")
+        if problems:
+            raise ValueError(f"document {self.sample_id or '<unnamed>'}: " + "; ".join(problems))
+
+    @property
+    def has_vision(self) -> bool:
+        return self.pixel_values is not None and self.pixel_values.shape[0] > 0
+
     @staticmethod
     def shift_targets(input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
         """Next-token targets: position t learns input_ids[t+1] where loss_mask[t+1] is set."""
@@ -99,7 +120,7 @@ class PackedBatch:
         lengths = torch.tensor([len(d) for d in docs])
         cu = torch.zeros(len(docs) + 1, dtype=torch.int32)
         cu[1:] = lengths.cumsum(0)
-        visual = [d for d in docs if d.pixel_values is not None and d.pixel_values.shape[0] > 0]
+        visual = [d for d in docs if d.has_vision]
         return PackedBatch(
             input_ids=torch.cat([d.input_ids for d in docs]),
             position_ids=torch.cat([d.position_ids for d in docs], dim=1),

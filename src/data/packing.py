@@ -104,10 +104,6 @@ def plan_rows(lengths: Sequence[int], row_tokens: int) -> list[list[int]]:
     return rows
 
 
-def has_visual_inputs(doc: Document) -> bool:
-    return doc.pixel_values is not None and doc.pixel_values.shape[0] > 0
-
-
 def piece_id(sample_id: str, k: int) -> str:
     return f"{sample_id}{PIECE_SEPARATOR}{k}"
 
@@ -118,7 +114,7 @@ def split_document(doc: Document, row_tokens: int) -> list[Document]:
     Positions restart at 0 in each piece and each piece keeps its precomputed targets
     (see the module docstring for why both are exact).
     """
-    assert not has_visual_inputs(doc), f"{doc.sample_id}: documents with visual inputs are never split"
+    assert not doc.has_vision, f"{doc.sample_id}: documents with visual inputs are never split"
     pieces = []
     for k, start in enumerate(range(0, len(doc), row_tokens)):
         stop = min(start + row_tokens, len(doc))
@@ -174,7 +170,7 @@ def admit(doc: Document, row_tokens: int, policy: OversizePolicy) -> tuple[list[
             f"length, filter the dataset, or choose oversize policy 'split_text' or 'skip'")
     if policy is OversizePolicy.SKIP:
         return [], f"{n} tokens exceed the row length {row_tokens} and the oversize policy is 'skip'"
-    if has_visual_inputs(doc):
+    if doc.has_vision:
         return [], (f"{n} tokens with visual inputs exceed the row length {row_tokens}; visual documents are "
                     f"never split: raise the row length or lower the frame/resolution budget")
     return split_document(doc, row_tokens), None
@@ -325,7 +321,7 @@ class RowPacker:
         if doc.sample_id == want:
             return doc
         original, sep, k = want.rpartition(PIECE_SEPARATOR)
-        if sep and k.isdigit() and doc.sample_id == original and not has_visual_inputs(doc):
+        if sep and k.isdigit() and doc.sample_id == original and not doc.has_vision:
             pieces = split_document(doc, self.row_tokens)
             if 1 < len(pieces) and int(k) < len(pieces):
                 return pieces[int(k)]
