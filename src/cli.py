@@ -22,6 +22,31 @@ def _model_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_slowfast(args: argparse.Namespace) -> int:
+    from keyetron.data.slowfast import PROFILES, plan_video
+    from keyetron.data.video import MediaError
+
+    if args.profile not in PROFILES:
+        print(f"keyetron: unknown Slow-Fast profile {args.profile!r}; choose one of {sorted(PROFILES)}", file=sys.stderr)
+        return 2
+    try:
+        plan, _frames = plan_video(args.video, args.profile, fps=args.fps, total_tokens=args.total_tokens)
+    except MediaError as err:
+        print(f"keyetron: {err}", file=sys.stderr)
+        return 1
+    fields = {
+        "n_frames": plan.n_frames, "frame_types": list(plan.frame_types),
+        "timestamps": [round(t, 3) for t in plan.timestamps], "slow_hw": list(plan.slow_hw),
+        "fast_hw": list(plan.fast_hw), "visual_tokens": plan.visual_tokens, "source_hw": list(plan.source_hw),
+    }
+    if args.json:
+        print(json.dumps(fields))
+    else:
+        for key, value in fields.items():
+            print(f"{key:>14}: {value}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="keyetron", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -30,6 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--config", required=True, help="a named config (keye-8b, small, tiny) or a YAML path")
     info.add_argument("--json", action="store_true", help="print JSON with keys total, vit, projector, llm")
     info.set_defaults(func=_model_info)
+
+    data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True, metavar="TOOL")
+    sf = data.add_parser("slowfast", help="the Slow-Fast plan of one video: frame types, sizes and token counts")
+    sf.add_argument("video")
+    sf.add_argument("--profile", default="paper", help="paper (default) or keye-vl-utils")
+    sf.add_argument("--fps", type=float, default=None, help="sampling rate (default 2.0, capped by the source rate)")
+    sf.add_argument("--total-tokens", type=int, default=None, help="visual token budget of the whole video")
+    sf.add_argument("--json", action="store_true")
+    sf.set_defaults(func=_data_slowfast)
     return parser
 
 
