@@ -85,17 +85,17 @@ def sdpa_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal: bool, scale: flo
 
 
 @functools.cache
-def _torch_varlen() -> Callable | None:
+def _torch_varlen() -> tuple[Callable, frozenset[str]] | None:
+    """torch's varlen kernel and its keyword names (read once: they differ between torch 2.11 and 2.12+)."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
-    return varlen_attn
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
 
 
 def torch_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal: bool, scale: float) -> torch.Tensor:
-    varlen_attn = _torch_varlen()
-    params = inspect.signature(varlen_attn).parameters
+    varlen_attn, params = _torch_varlen()
     lens_q = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
     lens_k = cu_seqlens_k[1:] - cu_seqlens_k[:-1]
     kwargs = {"scale": scale}

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from keyetron.data.resize import IMAGE_MAX_TOKENS, IMAGE_MIN_TOKENS, PATCH_FACTOR, smart_resize
-from keyetron.data.video import MediaError
+from keyetron.data.errors import MediaError
 
 PATCH = 14
 MERGE = 2

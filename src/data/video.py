@@ -23,16 +23,9 @@ import numpy as np
 from av.container import InputContainer
 from av.video.stream import VideoStream
 
+from keyetron.data.errors import MediaError
+
 _REENCODE_HINT = "re-encode it (e.g. `ffmpeg -i IN -c:v libx264 -pix_fmt yuv420p OUT.mp4`) or drop the sample"
-
-
-class MediaError(ValueError):
-    """A media file that cannot be used; carries the path and what went wrong."""
-
-    def __init__(self, path: str | Path, reason: str) -> None:
-        self.path = str(path)
-        self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
 
 
 @dataclass(frozen=True)
