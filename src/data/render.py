@@ -9,7 +9,7 @@ aligned. Visual tokens, frame markers and timestamps are never trained.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from keyetron.data.samples import Part, Sample, SampleError
 from keyetron.data.tokenizer import KeyeTokenizer
@@ -87,21 +87,32 @@ def _messages(sample: Sample) -> list[dict]:
     return messages
 
 
-def render_sample(sample: Sample, tok: KeyeTokenizer, visual: list[list[int] | VideoLayout | int]) -> tuple[list[int], list[bool]]:
+def prompt_of(sample: Sample) -> Sample:
+    """``sample`` without its final assistant turn: what a model is given at evaluation."""
+    if len(sample.turns) < 2 or sample.turns[-1].role != "assistant":
+        raise SampleError(sample.sample_id, "an evaluation sample ends with the assistant turn holding the answer")
+    return replace(sample, turns=sample.turns[:-1])
+
+
+def render_sample(sample: Sample, tok: KeyeTokenizer, visual: list[list[int] | VideoLayout | int],
+                  generation_prompt: bool = False) -> tuple[list[int], list[bool]]:
     """Token ids and loss mask of ``sample``.
 
     ``visual`` has one entry per image/video part in order: an int (LLM tokens of an
     image) or a VideoLayout. Plain-text samples (``loss: all`` with one text turn) are
-    rendered without the chat template and end with ``<|endoftext|>``.
+    rendered without the chat template and end with ``<|endoftext|>``. With
+    ``generation_prompt`` the sample is rendered as a prompt (pass ``prompt_of(sample)``):
+    the assistant header follows, with an empty thinking block unless the sample asks to think.
     """
     _check_text(sample)
     media = sample.media
     if len(visual) != len(media):
         raise SampleError(sample.sample_id, f"{len(media)} image/video parts but {len(visual)} visual inputs")
-    if sample.task == "text" and sample.loss == "all" and len(sample.turns) == 1 and not media:
+    if not generation_prompt and sample.task == "text" and sample.loss == "all" and len(sample.turns) == 1 and not media:
         ids = tok.encode("".join(part_text(p) for p in sample.turns[0].parts)) + [tok.pad_id]
         return ids, [True] * len(ids)
-    enc = tok.encode_chat(_messages(sample))
+    enc = tok.encode_chat(_messages(sample), add_generation_prompt=generation_prompt,
+                          enable_thinking=sample.think == "think" or not generation_prompt)
     mask = enc.assistant_mask if sample.loss == "assistant" else [True] * len(enc.ids)
     image_pad, video_pad = tok.token_id("<|image_pad|>"), tok.token_id("<|video_pad|>")
     ids_out: list[int] = []
