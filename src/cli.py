@@ -6,6 +6,9 @@ import json
 import sys
 
 from keyetron.config import ConfigError
+from keyetron.data.sources import SourceError
+from keyetron.data.tokenizer import TokenizerError
+from keyetron.train.checkpoint import CheckpointNotFound
 
 
 def _model_info(args: argparse.Namespace) -> int:
@@ -47,6 +50,25 @@ def _data_slowfast(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_make_demo(args: argparse.Namespace) -> int:
+    from keyetron.data.demo import make_demo
+
+    summary = make_demo(args.out, seed=args.seed, train_size=args.train_size, eval_size=args.eval_size)
+    print(json.dumps(summary.to_dict(), indent=2, default=str))
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from keyetron.train.recipe import load_recipe
+    from keyetron.train.trainer import train
+
+    recipe = load_recipe(args.recipe, args.set)
+    summary = train(recipe)
+    print(json.dumps({k: v for k, v in summary.items() if k != "skips"} | {"skipped": summary["skips"]["total"]},
+                     indent=2, default=str))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="keyetron", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -64,6 +86,19 @@ def build_parser() -> argparse.ArgumentParser:
     sf.add_argument("--total-tokens", type=int, default=None, help="visual token budget of the whole video")
     sf.add_argument("--json", action="store_true")
     sf.set_defaults(func=_data_slowfast)
+
+    demo = data.add_parser("make-demo", help="write the deterministic demo dataset (train + held-out eval split)")
+    demo.add_argument("out", help="output folder (created; an existing demo folder is regenerated)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--train-size", type=int, default=3000)
+    demo.add_argument("--eval-size", type=int, default=300)
+    demo.set_defaults(func=_data_make_demo)
+
+    tr = sub.add_parser("train", help="train from a recipe (single process; see recipes/)")
+    tr.add_argument("recipe", help="a recipe YAML, e.g. recipes/demo-small.yaml")
+    tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a recipe key, e.g. --set train.steps=20 (repeatable)")
+    tr.set_defaults(func=_train)
     return parser
 
 
@@ -74,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"keyetron: config error: {err}", file=sys.stderr)
         return 2
+    except (SourceError, CheckpointNotFound, TokenizerError) as err:
+        print(f"keyetron: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

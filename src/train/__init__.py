@@ -1,0 +1,1 @@
+"""Training core: FLOP accounting and MFU, learning-rate schedules, and the loop that uses them."""

@@ -1,0 +1,104 @@
+"""Training checkpoints of a single-process run: model, optimizer, schedule, step, data position.
+
+Layout of ``<output_dir>/checkpoints/step-000120/``:
+``model.safetensors`` (our parameter names), ``optim.pt`` (optimizer + LR schedule state),
+``state.json`` (step, loader position, skip counts, RNG, metrics) and ``recipe.yaml``.
+A checkpoint is written into ``step-N.tmp`` and renamed when complete, so a run killed
+mid-save never leaves a checkpoint that looks whole; ``latest`` names the newest one.
+The model can be exported in the Hugging Face layout with ``keyetron.model.hf_checkpoint``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+STEP_DIR = re.compile(r"^step-(\d{6,})$")
+
+
+class CheckpointNotFound(FileNotFoundError):
+    pass
+
+
+@dataclass
+class TrainState:
+    step: int
+    loader: dict
+    rng: list[int]
+    extra: dict
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"step-{step:06d}"
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name) and (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+
+
+def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler, loader_state: dict, extra: dict | None = None, recipe_text: str = "",
+                    keep: int = 2) -> Path:
+    root = Path(root)
+    final = step_dir(root, step)
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tensors = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}  # tied weights: own copies
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"step": str(step)})
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
+    state = {"step": step, "loader": loader_state, "rng": torch.get_rng_state().tolist(), "extra": extra or {}}
+    (tmp / "state.json").write_text(json.dumps(state))
+    (tmp / "recipe.yaml").write_text(recipe_text)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    (root / "latest").write_text(final.name + "\n")
+    for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def resolve_checkpoint(choice: str, root: str | Path) -> Path | None:
+    """``auto``: the newest complete checkpoint under ``root`` or None; ``none``: None; else that path."""
+    if choice == "none":
+        return None
+    if choice == "auto":
+        found = list_checkpoints(root)
+        return found[-1] if found else None
+    path = Path(choice)
+    if not (path / "state.json").is_file():
+        raise CheckpointNotFound(f"checkpoint {path} not found (no state.json); give a step-N folder, 'auto' or "
+                                 f"'none' as checkpoint.resume")
+    return path
+
+
+def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                    scheduler=None) -> TrainState:
+    path = Path(path)
+    tensors = load_file(str(path / "model.safetensors"))
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path} does not fit this model: missing {sorted(missing)[:5]}, unexpected "
+                         f"{sorted(unexpected)[:5]}; was it saved with another model config?")
+    if optimizer is not None:
+        optim = torch.load(path / "optim.pt", map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(optim["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(optim["scheduler"])
+    state = json.loads((path / "state.json").read_text())
+    return TrainState(state["step"], state["loader"], state["rng"], state["extra"])
+
+
+__all__ = ["CheckpointNotFound", "TrainState", "list_checkpoints", "load_checkpoint", "resolve_checkpoint",
+           "save_checkpoint"]

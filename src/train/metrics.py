@@ -1,0 +1,84 @@
+"""Where a run reports: a progress line, ``train.log``, ``metrics.jsonl`` and TensorBoard.
+
+Every metric goes to all sinks with one call. ``metrics.jsonl`` (one JSON object per
+logged step) is what tests and docs read; TensorBoard gets the same scalars under
+``train/``, ``perf/`` and ``eval/``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("keyetron.train")
+
+
+def setup_logging(output_dir: Path) -> None:
+    """Log to stderr and to ``<output_dir>/train.log`` (appending across resumes)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger("keyetron")
+    root.setLevel(logging.INFO)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    target = str(output_dir / "train.log")
+    for h in list(root.handlers):
+        if getattr(h, "_keyetron", False):
+            root.removeHandler(h)
+            h.close()
+    for handler in (logging.StreamHandler(sys.stderr), logging.FileHandler(target)):
+        handler.setFormatter(fmt)
+        handler._keyetron = True
+        root.addHandler(handler)
+    root.propagate = False
+
+
+class MetricSink:
+    def __init__(self, output_dir: Path, tensorboard: bool = True):
+        self.path = output_dir / "metrics.jsonl"
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(output_dir / "tb"))
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.writer is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, step)
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class Progress:
+    """A one-line progress bar on a terminal; periodic log lines otherwise (CI, SLURM logs)."""
+
+    def __init__(self, total: int, start: int = 0, stream=sys.stderr):
+        self.total, self.start, self.stream = total, start, stream
+        self.t0 = time.perf_counter()
+        self.tty = hasattr(stream, "isatty") and stream.isatty()
+
+    def update(self, step: int, text: str) -> None:
+        if not self.tty:
+            return
+        done = step / self.total
+        elapsed = time.perf_counter() - self.t0
+        rate = (step - self.start) / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - step) / rate if rate > 0 else float("nan")
+        bar = "#" * int(30 * done) + "-" * (30 - int(30 * done))
+        self.stream.write(f"\r[{bar}] {step}/{self.total} {text} eta {eta:5.0f}s ")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+__all__ = ["MetricSink", "Progress", "setup_logging"]

@@ -1,0 +1,153 @@
+"""A training recipe: one typed YAML file that says everything a run does.
+
+Recipes are declarative (no code). Unknown or mistyped keys fail at start-up naming the
+file and the key. ``--set a.b=value`` overrides any key from the command line, with the
+value read as YAML (``--set train.steps=20``, ``--set train.freeze=[vit]``).
+Relative paths are taken from the directory the job is started in.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from keyetron.config import ConfigError, from_dict, to_dict
+from keyetron.data.dataset import MediaConfig
+from keyetron.data.loader import LoaderConfig
+from keyetron.train.schedule import ScheduleConfig, lr_lambda
+
+MODULES = ("vit", "projector", "llm")
+
+
+@dataclass
+class ModelSection:
+    config: str = "small"  # a named model config (keye-8b, small, tiny) or a YAML path
+    init: str | None = None  # a Hugging Face checkpoint folder to start from; None: random init
+    attention: str = "auto"  # attention kernel (keyetron.backend.attention)
+    activation_checkpointing: list[str] = field(default_factory=list)  # modules to recompute: vit, llm
+
+
+@dataclass
+class DataSection:
+    sources: list[str] = field(default_factory=list)  # .jsonl manifests and/or .tar WebDataset shards
+    eval: str | None = None  # held-out .jsonl whose samples end with the answer (meta.answer)
+    media: MediaConfig = field(default_factory=MediaConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+
+
+@dataclass
+class OptimSection:
+    lr: float = 1e-4
+    weight_decay: float = 0.1  # on matrices only; norms, biases and embeddings are not decayed
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    clip_grad: float | None = 1.0  # max global gradient norm; None disables clipping
+    lr_scale: dict[str, float] = field(default_factory=dict)  # per module (vit / projector / llm) lr multiplier
+
+    def __post_init__(self) -> None:
+        bad = sorted(set(self.lr_scale) - set(MODULES))
+        if bad:
+            raise ValueError(f"lr_scale: unknown module(s) {bad}; use {list(MODULES)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+
+
+@dataclass
+class TrainSection:
+    steps: int = 100  # optimizer steps
+    grad_accum: int = 1  # packed rows per optimizer step (one row per forward)
+    seed: int = 0
+    precision: str = "auto"  # auto (bf16 autocast where the device supports it) | bf16 | fp32
+    freeze: list[str] = field(default_factory=list)  # parameter-name prefixes: vit, projector, llm.embed_tokens, ...
+
+    def __post_init__(self) -> None:
+        if self.steps <= 0 or self.grad_accum <= 0:
+            raise ValueError(f"steps and grad_accum must be positive, got {self.steps}, {self.grad_accum}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision {self.precision!r} is not one of ['auto', 'bf16', 'fp32']")
+
+
+@dataclass
+class CheckpointSection:
+    every: int = 0  # optimizer steps between checkpoints; 0: only at the end
+    keep: int = 2  # newest checkpoints kept
+    resume: str = "auto"  # auto (latest in the run's checkpoint folder, if any) | none | a checkpoint path
+
+
+@dataclass
+class LogSection:
+    every: int = 10  # steps between log lines / TensorBoard points
+    tensorboard: bool = True
+    peak_tflops: float | None = None  # per-device peak for MFU; None: from the device table (unknown on CPU)
+
+
+@dataclass
+class EvalSection:
+    every: int = 0  # steps between evaluations; 0: only at the end
+    max_samples: int = 0  # 0: the whole eval split
+    max_new_tokens: int = 12
+    batch_size: int = 32  # prompts decoded together (packed, one forward per generated token)
+
+
+@dataclass
+class Recipe:
+    name: str = "run"
+    output_dir: str = "runs/run"  # checkpoints/, tb/, train.log, metrics.jsonl, summary.json
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    log: LogSection = field(default_factory=LogSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+
+    def __post_init__(self) -> None:
+        if not self.data.sources:
+            raise ValueError("data.sources is empty: list at least one .jsonl manifest or .tar shard")
+        lr_lambda(self.schedule, self.train.steps)  # step budgets that cannot work fail here, naming the file
+        bad = sorted(set(self.model.activation_checkpointing) - {"vit", "llm"})
+        if bad:
+            raise ValueError(f"model.activation_checkpointing: unknown module(s) {bad}; use vit and/or llm")
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.output_dir) / "checkpoints"
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """``a.b.c=value`` sets ``data['a']['b']['c']`` to the YAML reading of value."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. train.steps=20")
+    *path, last = key.split(".")
+    node = data
+    for part in path:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {assignment!r}: {part} is not a section")
+    node[last] = yaml.safe_load(raw)
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe {path} does not exist; recipes live in recipes/ (e.g. recipes/demo-small.yaml)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe is a mapping of sections, got {type(data).__name__}")
+    for assignment in overrides:
+        apply_override(data, assignment)
+    return from_dict(Recipe, data, str(path))
+
+
+def recipe_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(to_dict(recipe), sort_keys=False)
+
+
+__all__ = ["CheckpointSection", "DataSection", "EvalSection", "LogSection", "ModelSection", "OptimSection",
+           "Recipe", "TrainSection", "apply_override", "load_recipe", "recipe_yaml"]

@@ -1,0 +1,154 @@
+"""The single-process trainer: exact accumulation, exact resume, freezing, skips, eval, recipes."""
+import json
+
+import pytest
+import torch
+
+from keyetron.cli import main
+from keyetron.config import ConfigError
+from keyetron.data.batch import PackedBatch
+from keyetron.data.demo import make_demo
+from keyetron.model import build_model, load_model_config
+from keyetron.model.generate import greedy_generate
+from keyetron.train.recipe import load_recipe
+from keyetron.train.trainer import Trainer, accumulate_gradients
+from synthetic import make_document
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    make_demo(out, seed=1, train_size=40, eval_size=12)
+    return out
+
+
+def write_recipe(path, demo, out, **sections):
+    recipe = {
+        "name": "t", "output_dir": str(out),
+        "model": {"config": "tiny"},
+        "data": {"sources": [str(demo / "train.jsonl")], "eval": str(demo / "eval.jsonl"),
+                 "media": {"image_max_tokens": 16, "video_total_tokens": 96, "video_fps": 1.0},
+                 "loader": {"row_tokens": 512, "buffer_docs": 16, "seed": 0}},
+        "optim": {"lr": 1e-3}, "schedule": {"name": "cosine", "warmup_steps": 1},
+        "train": {"steps": 4, "grad_accum": 1}, "log": {"every": 1, "tensorboard": False},
+        "eval": {"max_samples": 4, "max_new_tokens": 3},
+    }
+    for key, value in sections.items():
+        recipe[key].update(value) if isinstance(value, dict) else recipe.__setitem__(key, value)
+    path.write_text(json.dumps(recipe))  # JSON is YAML
+    return path
+
+
+def test_accumulated_gradients_equal_one_big_batch(tiny_cfg):
+    gen = torch.Generator().manual_seed(0)
+    docs = [make_document(tiny_cfg, gen, text=t, images=im, dtype=torch.float64, sample_id=f"d{i}")
+            for i, (t, im) in enumerate([(5, [(4, 4)]), (9, []), (3, [(2, 4)]), (12, [])])]
+    model = build_model(tiny_cfg, dtype=torch.float64, seed=0)
+    rows = [PackedBatch.from_documents(docs[:1]), PackedBatch.from_documents(docs[1:])]
+    total = accumulate_gradients(model, rows, "cpu", None)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    out = model(PackedBatch.from_documents(docs))
+    (out.loss_sum / out.num_tokens).backward()
+    assert total == pytest.approx(float(out.loss_sum.detach()), rel=1e-12)
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(grads[n], p.grad, rtol=1e-10, atol=1e-12, msg=n)
+
+
+def test_resume_continues_exactly_as_an_uninterrupted_run(demo, tmp_path):
+    straight = Trainer(load_recipe(write_recipe(tmp_path / "a.yaml", demo, tmp_path / "a", train={"steps": 4})))
+    for _ in range(4):
+        straight.train_step()
+    first = Trainer(load_recipe(write_recipe(tmp_path / "b.yaml", demo, tmp_path / "b", train={"steps": 4})))
+    first.train_step()
+    first.train_step()
+    first.save()
+    resumed = Trainer(load_recipe(write_recipe(tmp_path / "b.yaml", demo, tmp_path / "b", train={"steps": 4})))
+    assert resumed.step == 2
+    resumed.train_step()
+    resumed.train_step()
+    for (n, a), b in zip(straight.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b), n
+    assert resumed.scheduler.get_last_lr() == straight.scheduler.get_last_lr()
+    assert resumed.loader.state_dict()["cursor"] == straight.loader.state_dict()["cursor"]
+
+
+def test_frozen_modules_do_not_change_and_flops_say_so(demo, tmp_path):
+    t = Trainer(load_recipe(write_recipe(tmp_path / "r.yaml", demo, tmp_path / "o",
+                                         train={"steps": 2, "freeze": ["vit", "llm.embed_tokens"]})))
+    before = {n: p.detach().clone() for n, p in t.model.named_parameters()}
+    t.train_step()
+    t.train_step()
+    for n, p in t.model.named_parameters():
+        frozen = n.startswith("vit.") or n.startswith("llm.embed_tokens.")
+        assert torch.equal(before[n], p) == frozen, n
+    assert t.trainable == {"vit": False, "projector": True, "llm": True}
+    assert t.flops.multipliers == {"vit": 2, "projector": 6, "llm": 6}
+    with pytest.raises(ValueError, match="'vision' matches no parameter"):
+        Trainer(load_recipe(write_recipe(tmp_path / "r2.yaml", demo, tmp_path / "o2", train={"freeze": ["vision"]})))
+
+
+def test_bad_samples_are_skipped_and_listed_while_training_goes_on(demo, tmp_path):
+    lines = (demo / "train.jsonl").read_text().splitlines()[:20]
+    first_image = next(json.loads(ln) for ln in lines if '"image"' in ln)
+    broken = json.loads(json.dumps(first_image).replace('"image": "', '"image": "missing-'))
+    broken["id"] = "broken-image"
+    bad = [json.dumps(broken), '{"id": "no-content", "messages": []}', "not json at all"]
+    manifest = demo / "with-bad-lines.jsonl"
+    manifest.write_text("\n".join(bad + lines) + "\n")
+    recipe = write_recipe(tmp_path / "r.yaml", demo, tmp_path / "o", train={"steps": 6},
+                          data={"sources": [str(manifest)],
+                                "loader": {"row_tokens": 256, "buffer_docs": 4, "shuffle": False}})
+    summary = Trainer(load_recipe(recipe)).fit()
+    assert summary["steps"] == 6
+    assert summary["skips"]["by_kind"] == {"bad_media": 1, "bad_sample": 1, "bad_record": 1}
+    assert {s["sample_id"] for s in summary["skips"]["examples"]} >= {"broken-image", "no-content"}
+    log = (tmp_path / "o" / "train.log").read_text()
+    assert "skipped samples: 3" in log and "broken-image" in log
+
+
+def test_greedy_generation_matches_full_forward_argmax(tiny_cfg):
+    gen = torch.Generator().manual_seed(3)
+    model = build_model(tiny_cfg, dtype=torch.float64, seed=0).eval()
+    prompts = [make_document(tiny_cfg, gen, text=4, images=[(4, 4)], dtype=torch.float64, sample_id="a"),
+               make_document(tiny_cfg, gen, text=7, dtype=torch.float64, sample_id="b")]
+    out = greedy_generate(model, prompts, max_new_tokens=4, stop_ids=[-1])
+    for doc, ids in zip(prompts, out):
+        seq, pos = doc.input_ids.clone(), doc.position_ids.clone()
+        for want in ids:  # the reference: one full forward per token
+            d = type(doc)(seq, torch.full_like(seq, -100), pos, doc.pixel_values, doc.vision_grid_thw, "x")
+            with torch.no_grad():
+                nxt = int(model.logits(PackedBatch.from_documents([d]))[-1].argmax())
+            assert nxt == want
+            seq = torch.cat([seq, torch.tensor([nxt])])
+            pos = torch.cat([pos, (pos.max() + 1).view(1, 1).expand(3, 1)], dim=1)
+
+
+def test_recipe_errors_name_the_file_and_key(demo, tmp_path):
+    path = write_recipe(tmp_path / "r.yaml", demo, tmp_path / "o")
+    with pytest.raises(ConfigError, match=r"r\.yaml\.train: unknown key\(s\) \['stepz'\]"):
+        load_recipe(path, ["train.stepz=3"])
+    with pytest.raises(ConfigError, match=r"r\.yaml\.optim\.lr: expected a number"):
+        load_recipe(path, ["optim.lr=fast"])
+    with pytest.raises(ConfigError, match="warmup_steps 10 must be below total_steps 4"):
+        load_recipe(path, ["schedule.warmup_steps=10"])
+    with pytest.raises(ConfigError, match="video_profile|unknown"):
+        load_recipe(path, ["data.media.video_profile=fancy"])
+    assert load_recipe(path, ["train.freeze=[vit]"]).train.freeze == ["vit"]
+
+
+def test_cli_train_runs_a_recipe_end_to_end(demo, tmp_path, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml", demo, tmp_path / "o", log={"every": 2, "tensorboard": True})
+    assert main(["train", str(recipe), "--set", "train.steps=3"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["steps"] == 3 and summary["eval"]["samples"] == 4
+    out = tmp_path / "o"
+    metrics = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    train_points = [m for m in metrics if "train/loss" in m]
+    assert [m["step"] for m in train_points] == [2, 3]
+    assert all(m["perf/tflops"] > 0 and m["perf/tokens_per_s"] > 0 for m in train_points)
+    assert any(p.name.startswith("events.out.tfevents") for p in (out / "tb").iterdir())
+    assert (out / "checkpoints" / "step-000003" / "model.safetensors").is_file()
+    assert json.loads((out / "summary.json").read_text())["steps"] == 3
+    assert main(["train", str(tmp_path / "missing.yaml")]) == 2
