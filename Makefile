@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 PIP_FLAGS := -q -c constraints.txt
 
-.PHONY: setup test model-info clean
+.PHONY: setup test demo model-info clean
 
 setup: $(VENV)/.installed
 
@@ -21,8 +21,13 @@ $(VENV)/.installed: setup.py constraints.txt
 test: setup
 	$(BIN)/python -m pytest -q tests
 
+## Set up (first time), write the demo dataset and train the `small` model on it (CPU is fine).
+demo: setup
+	$(BIN)/keyetron data make-demo data/demo
+	$(BIN)/keyetron train recipes/demo-small.yaml --set checkpoint.resume=none
+
 model-info: setup
 	$(BIN)/keyetron model-info --config keye-8b
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache data/demo runs

@@ -43,6 +43,8 @@ setup(
         "tokenizers",
         "pillow",
         "av>=18,<19",  # PyAV bundles FFmpeg: video probing, seeking and decoding
+        "scikit-image",  # the demo dataset's real photographs ship inside it
+        "tensorboard",  # training logs (torch.utils.tensorboard writes through it)
     ],
     extras_require={
         # The default tokenizer files (the real Qwen3 vocabulary) ship in this package;

@@ -41,12 +41,18 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.kernel = "auto"
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens) -> torch.Tensor:
+        """``cu_seqlens``: document boundaries of the packed tokens, or an object with
+        ``attend(q, k, v, kernel=...)`` (THD tensors in, THD out) when attention needs more
+        than boundaries, as context parallelism does."""
         T = x.shape[0]
         q = apply_rotary(self.q_norm(self.q_proj(x).view(T, -1, self.head_dim)), cos, sin)
         k = apply_rotary(self.k_norm(self.k_proj(x).view(T, -1, self.head_dim)), cos, sin)
         v = self.v_proj(x).view(T, -1, self.head_dim)
-        o = varlen_attention(q, k, v, cu_seqlens, causal=True, kernel=self.kernel)
+        if isinstance(cu_seqlens, torch.Tensor):
+            o = varlen_attention(q, k, v, cu_seqlens, causal=True, kernel=self.kernel)
+        else:  # a packing plan that knows how to attend, e.g. context-parallel (keyetron.parallel)
+            o = cu_seqlens.attend(q, k, v, kernel=self.kernel)
         return self.o_proj(o.reshape(T, -1))
 
 

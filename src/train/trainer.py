@@ -63,7 +63,9 @@ def build_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.AdamW
     param_groups = [{"params": ps, "lr": opt.lr * opt.lr_scale.get(module, 1.0),
                      "weight_decay": opt.weight_decay if decay else 0.0, "name": f"{module}/{'decay' if decay else 'no_decay'}"}
                     for (module, decay), ps in sorted(groups.items())]
-    return torch.optim.AdamW(param_groups, lr=opt.lr, betas=opt.betas, eps=opt.eps)
+    # The fused kernel (CPU and CUDA) updates all tensors in one pass: on a CPU the default
+    # per-tensor loop cost ~0.3 s a step for the 63M-parameter demo model.
+    return torch.optim.AdamW(param_groups, lr=opt.lr, betas=opt.betas, eps=opt.eps, fused=True)
 
 
 def accumulate_gradients(model: KeyeVLModel, rows: list[PackedBatch], device, autocast_dtype) -> float:
@@ -178,6 +180,8 @@ class Trainer:
 
     def fit(self) -> dict:
         r = self.recipe
+        if self.step == 0:  # a fresh run does not append to an earlier run's metrics
+            (self.out / "metrics.jsonl").unlink(missing_ok=True)
         sink = MetricSink(self.out, r.log.tensorboard)
         (self.out / "recipe.yaml").write_text(recipe_yaml(r))
         counts = {m: sum(p.numel() for p in getattr(self.model, m).parameters()) for m in MODULES}
