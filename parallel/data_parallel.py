@@ -1,0 +1,221 @@
+"""Data parallelism: gradient reduction per replica group, the true global norm, and ZeRO-1.
+
+Who holds a copy of what decides where gradients are summed:
+
+- the ViT and projector live on pipeline stage 0 and are replicated on every rank of it
+  (dp x cp x tp ranks; the images of a micro-batch are divided among them), so their
+  gradients are summed over ``group("dp", "cp", "tp")``;
+- an LLM parameter (a full tensor, or a tensor-parallel shard) is replicated over the
+  data- and context-parallel ranks of its stage, so it is summed over ``group("dp", "cp")``.
+
+Each rank's loss is its summed token loss divided by the *global* number of loss tokens
+of the step, so summing (not averaging) gradients gives exactly the single-process
+gradient in every layout.
+
+ZeRO-1 (``ShardedAdamW``): per parameter group, the gradients are flattened into one
+buffer and reduce-scattered over the LLM replica group (dp x cp), so each rank receives
+the summed gradient of its 1/N slice; it keeps the fp32 master copy and AdamW state of
+that slice only, updates it with ``torch.optim.AdamW`` (the same arithmetic as the
+unsharded optimizer), and the updated slices are all-gathered back into the parameters.
+ViT/projector parameters are few (<5% of Keye-8B) and replicated over a different group;
+they are all-reduced and updated in full on every stage-0 rank.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from keyetron.parallel.topology import Topology
+
+VISION_MODULES = ("vit", "projector")
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor, or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def replica_group_of(name: str) -> tuple[str, ...]:
+    return ("dp", "cp", "tp") if name.split(".")[0] in VISION_MODULES else ("dp", "cp")
+
+
+def _all_reduce_coalesced(tensors: list[torch.Tensor], group) -> None:
+    if not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, group=group)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def reduce_gradients(model: nn.Module, topo: Topology, skip: Iterable[str] = ()) -> None:
+    """Sum every gradient over the ranks that hold a replica of its parameter (in place)."""
+    if not topo.distributed:
+        return
+    skip = set(skip)
+    buckets: dict[tuple[str, ...], list[torch.Tensor]] = {}
+    for name, p in model.named_parameters():
+        if p.grad is None or name in skip:
+            continue
+        buckets.setdefault(replica_group_of(name), []).append(_local(p.grad))
+    for key in sorted(buckets):
+        _all_reduce_coalesced(buckets[key], topo.group(*key))
+
+
+def _counted_once(name: str, p: torch.Tensor, topo: Topology) -> bool:
+    """Whether this rank counts parameter ``name`` in the global norm (each value once)."""
+    placements = getattr(p, "placements", None)
+    tp_sharded = placements is not None and any(pl.is_shard() for pl in placements)
+    if name.split(".")[0] in VISION_MODULES:
+        return topo.dp_rank == 0 and topo.cp_rank == 0 and topo.tp_rank == 0
+    # LLM: after reduction a value is identical over dp x cp; TP-replicated ones also over tp.
+    return topo.dp_rank == 0 and topo.cp_rank == 0 and (tp_sharded or topo.tp_rank == 0)
+
+
+def global_grad_norm(model: nn.Module, topo: Topology, norm_type: float = 2.0) -> torch.Tensor:
+    """The 2-norm of the full-model gradient, every value counted once across all ranks.
+
+    Call after ``reduce_gradients`` (or after ZeRO's reduce-scatter, with ``shards``)."""
+    total = torch.zeros((), dtype=torch.float64, device=topo.device)
+    for name, p in model.named_parameters():
+        if p.grad is not None and _counted_once(name, p, topo):
+            total += _local(p.grad).double().pow(2).sum()
+    if topo.distributed:
+        dist.all_reduce(total)
+    return total.sqrt()
+
+
+def clip_coefficient(norm: torch.Tensor, max_norm: float | None) -> float:
+    if not max_norm or not math.isfinite(float(norm)):
+        return 1.0
+    return min(1.0, max_norm / (float(norm) + 1e-6))
+
+
+class ShardedAdamW:
+    """ZeRO-1 AdamW: LLM optimizer state and fp32 master weights sharded over dp x cp.
+
+    ``param_groups`` are torch-style dicts (params, lr, weight_decay, name); the LR
+    scheduler drives ``self.param_groups`` as with any optimizer. Vision parameters are
+    all-reduced and stepped in full (see the module docstring).
+    """
+
+    def __init__(self, named_groups: list[dict], topo: Topology, betas=(0.9, 0.95), eps: float = 1e-8):
+        self.topo = topo
+        self.group = topo.group("dp", "cp")
+        self.world = dist.get_world_size(self.group) if self.group is not None else 1
+        self.rank = dist.get_rank(self.group) if self.group is not None else 0
+        self.vision_group = topo.group("dp", "cp", "tp")
+        self.layouts = []  # per group: (params, numels, padded total, shard slice)
+        shard_groups = []
+        for g in named_groups:
+            params = list(g["params"])
+            vision = g["name"].split("/")[0] in VISION_MODULES
+            if vision:
+                shard_groups.append({**g, "params": params})
+                self.layouts.append(None)
+                continue
+            numels = [_local(p).numel() for p in params]
+            total = sum(numels)
+            padded = math.ceil(total / self.world) * self.world
+            size = padded // self.world
+            flat = torch.zeros(padded, dtype=torch.float32 if params[0].dtype != torch.float64 else torch.float64,
+                               device=topo.device)
+            flat[:total] = torch.cat([_local(p).detach().reshape(-1).to(flat.dtype) for p in params])
+            master = flat[self.rank * size:(self.rank + 1) * size].clone().requires_grad_(True)
+            self.layouts.append((params, numels, padded, size))
+            shard_groups.append({**g, "params": [master]})
+        self.inner = torch.optim.AdamW(shard_groups, betas=betas, eps=eps)
+        self.param_groups = self.inner.param_groups
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for layout, g in zip(self.layouts, self.param_groups):
+            params = g["params"] if layout is None else layout[0]
+            for p in params:
+                p.grad = None
+        self.inner.zero_grad(set_to_none)
+
+    def reduce_and_norm(self) -> torch.Tensor:
+        """Reduce-scatter LLM gradients into the shards, all-reduce vision gradients;
+        returns the global gradient norm (each value once)."""
+        total = torch.zeros((), dtype=torch.float64, device=self.topo.device)
+        for layout, g in zip(self.layouts, self.param_groups):
+            if layout is None:
+                grads = [p.grad for p in g["params"] if p.grad is not None]
+                if self.vision_group is not None:
+                    _all_reduce_coalesced(grads, self.vision_group)
+                if self.topo.dp_rank == 0 and self.topo.cp_rank == 0 and self.topo.tp_rank == 0:
+                    total += sum((gr.double().pow(2).sum() for gr in grads), torch.zeros((), dtype=torch.float64))
+                continue
+            params, numels, padded, size = layout
+            master = g["params"][0]
+            flat = torch.zeros(padded, dtype=master.dtype, device=master.device)
+            offset = 0
+            for p, n in zip(params, numels):
+                if p.grad is not None:
+                    flat[offset:offset + n] = _local(p.grad).reshape(-1).to(flat.dtype)
+                offset += n
+            shard = torch.empty(size, dtype=flat.dtype, device=flat.device)
+            if self.group is not None:
+                dist.reduce_scatter_tensor(shard, flat, group=self.group)
+            else:
+                shard.copy_(flat)
+            master.grad = shard
+            # Each shard value is counted once over dp x cp; TP-replicated values would repeat
+            # over tp, so count LLM shards on every tp rank only for TP-sharded parameters.
+            total += self._shard_norm_sq(params, numels, shard, size)
+        if self.topo.distributed:
+            dist.all_reduce(total)
+        return total.sqrt()
+
+    def _shard_norm_sq(self, params, numels, shard, size) -> torch.Tensor:
+        start = self.rank * size
+        out = torch.zeros((), dtype=torch.float64, device=shard.device)
+        offset = 0
+        for p, n in zip(params, numels):
+            lo, hi = max(offset, start), min(offset + n, start + size)
+            if lo < hi:
+                placements = getattr(p, "placements", None)
+                tp_sharded = placements is not None and any(pl.is_shard() for pl in placements)
+                if tp_sharded or self.topo.tp_rank == 0:
+                    out += shard[lo - start:hi - start].double().pow(2).sum()
+            offset += n
+        return out
+
+    def step(self, clip_coef: float = 1.0) -> None:
+        if clip_coef != 1.0:
+            for g in self.param_groups:
+                for p in g["params"]:
+                    if p.grad is not None:
+                        p.grad.mul_(clip_coef)
+        self.inner.step()
+        for layout, g in zip(self.layouts, self.param_groups):
+            if layout is None:
+                continue
+            params, numels, padded, size = layout
+            master = g["params"][0]
+            flat = torch.empty(padded, dtype=master.dtype, device=master.device)
+            if self.group is not None:
+                dist.all_gather_into_tensor(flat, master.detach(), group=self.group)
+            else:
+                flat.copy_(master.detach())
+            offset = 0
+            with torch.no_grad():
+                for p, n in zip(params, numels):
+                    local = _local(p)
+                    local.copy_(flat[offset:offset + n].view_as(local).to(local.dtype))
+                    offset += n
+
+    def state_dict(self) -> dict:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state)
+
+
+__all__ = ["ShardedAdamW", "clip_coefficient", "global_grad_norm", "reduce_gradients", "replica_group_of"]
