@@ -61,8 +61,10 @@ def reduce_gradients(model: nn.Module, topo: Topology, skip: Iterable[str] = ())
     skip = set(skip)
     buckets: dict[tuple[str, ...], list[torch.Tensor]] = {}
     for name, p in model.named_parameters():
-        if p.grad is None or name in skip:
+        if not p.requires_grad or name in skip:
             continue
+        if p.grad is None:  # e.g. a ViT that saw no image on this rank: every rank must send the same buffers
+            p.grad = torch.zeros_like(p)
         buckets.setdefault(replica_group_of(name), []).append(_local(p.grad))
     for key in sorted(buckets):
         _all_reduce_coalesced(buckets[key], topo.group(*key))
@@ -146,7 +148,10 @@ class ShardedAdamW:
         total = torch.zeros((), dtype=torch.float64, device=self.topo.device)
         for layout, g in zip(self.layouts, self.param_groups):
             if layout is None:
-                grads = [p.grad for p in g["params"] if p.grad is not None]
+                for p in g["params"]:
+                    if p.grad is None:  # every rank must send the same buffers
+                        p.grad = torch.zeros_like(p)
+                grads = [p.grad for p in g["params"]]
                 if self.vision_group is not None:
                     _all_reduce_coalesced(grads, self.vision_group)
                 if self.topo.dp_rank == 0 and self.topo.cp_rank == 0 and self.topo.tp_rank == 0:

@@ -53,7 +53,11 @@ def _data_slowfast(args: argparse.Namespace) -> int:
 def _data_make_demo(args: argparse.Namespace) -> int:
     from keyetron.data.demo import make_demo
 
-    summary = make_demo(args.out, seed=args.seed, train_size=args.train_size, eval_size=args.eval_size)
+    try:
+        summary = make_demo(args.out, seed=args.seed, train_size=args.train_size, eval_size=args.eval_size)
+    except FileExistsError as err:
+        print(f"keyetron: {err}", file=sys.stderr)
+        return 1
     print(json.dumps(summary.to_dict(), indent=2, default=str))
     return 0
 

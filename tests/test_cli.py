@@ -51,3 +51,12 @@ def test_data_slowfast_on_a_broken_file_names_it(tmp_path, capsys):
     (tmp_path / "fake.mp4").write_text("not a video")
     assert main(["data", "slowfast", str(tmp_path / "fake.mp4")]) == 1
     assert "fake.mp4" in capsys.readouterr().err
+
+
+def test_data_make_demo_writes_the_dataset_and_prints_its_summary(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["data", "make-demo", str(out), "--train-size", "12", "--eval-size", "4", "--seed", "2"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["sizes"] == {"train": 12, "eval": 4} and summary["seed"] == 2
+    assert len((out / "train.jsonl").read_text().splitlines()) == 12
+    assert json.loads((out / "demo.json").read_text())["baselines"] == summary["baselines"]

@@ -46,8 +46,11 @@ class KeyeVLModel(nn.Module):
         """Patches -> one LLM-width embedding per merged 2x2 block, in token order."""
         return self.projector(self.vit(pixel_values, grid_thw), grid_thw)
 
-    def embed(self, batch: PackedBatch) -> torch.Tensor:
-        """(T, H) token embeddings with visual features placed at the image/video pad tokens."""
+    def embed(self, batch: PackedBatch, visual: torch.Tensor | None = None) -> torch.Tensor:
+        """(T, H) token embeddings with visual features placed at the image/video pad tokens.
+
+        ``visual``: features already encoded (e.g. shared out among data-parallel ViT
+        replicas by keyetron.parallel.vision); by default the ViT runs here."""
         hidden = self.llm.embed_tokens(batch.input_ids)
         is_visual = torch.isin(batch.input_ids, torch.tensor(self.visual_token_ids, device=batch.input_ids.device))
         n_pads = int(is_visual.sum())
@@ -55,7 +58,8 @@ class KeyeVLModel(nn.Module):
             if n_pads:
                 raise ValueError(f"batch has {n_pads} image/video pad tokens but no pixel values")
             return hidden
-        visual = self.encode_vision(batch.pixel_values.to(hidden.dtype), batch.vision_grid_thw)
+        if visual is None:
+            visual = self.encode_vision(batch.pixel_values.to(hidden.dtype), batch.vision_grid_thw)
         if visual.shape[0] != n_pads:
             raise ValueError(
                 f"batch has {n_pads} image/video pad tokens but its visual inputs give {visual.shape[0]} "
