@@ -16,8 +16,11 @@ from torch import nn
 
 from keyetron.backend.device import autocast
 from keyetron.data.batch import PackedBatch
+from keyetron.model.keye import LossOutput
+from keyetron.parallel.context_parallel import ContextParallelAttention, plan_context_parallel
 from keyetron.parallel.data_parallel import ShardedAdamW, clip_coefficient, global_grad_norm, reduce_gradients
 from keyetron.parallel.topology import Topology
+from keyetron.parallel.vision import encode_vision_shared
 from keyetron.train.recipe import OptimSection
 from keyetron.train.trainer import optimizer_param_groups
 
@@ -59,6 +62,28 @@ class PlainAdamW:
         self.inner.load_state_dict(state)
 
 
+def forward_row(model: nn.Module, row: PackedBatch, topo: Topology) -> LossOutput:
+    """Summed loss of this rank's part of one packed row under the topology's layout.
+
+    Context parallel: the TP x CP group encodes the row's images once between them
+    (``encode_vision_shared``), every rank embeds the whole row, keeps its context-parallel
+    slice of tokens (long documents split zigzag, short ones whole) and attends through the
+    all-gather-KV plan.
+    """
+    if topo.dims.cp == 1:
+        return model(row)
+    visual = None
+    if row.has_vision:
+        visual = encode_vision_shared(model, row.pixel_values, row.vision_grid_thw, topo.group("cp", "tp"),
+                                      grad_group=topo.group("cp"))
+    hidden = model.embed(row, visual)
+    plan = plan_context_parallel(row.cu_seqlens, topo.dims.cp)
+    local = plan.shard_batch(row, topo.cp_rank)
+    attention = ContextParallelAttention(plan, topo.cp_rank, topo.group("cp"))
+    out = model.llm.decode(plan.shard_tokens(hidden, topo.cp_rank), local.position_ids, attention)
+    return model.loss(out, local.targets)
+
+
 class ParallelEngine:
     def __init__(self, model: nn.Module, topo: Topology, optim: OptimSection, *, zero1: bool = True,
                  autocast_dtype: torch.dtype | None = None):
@@ -70,11 +95,12 @@ class ParallelEngine:
         else:
             self.optimizer = PlainAdamW(model, groups, topo, optim.betas, optim.eps)
 
-    def global_count(self, local: int) -> int:
-        """Loss tokens of the step over the ranks that see different tokens (dp x cp)."""
-        count = torch.tensor([local], dtype=torch.long)
-        if self.topo.distributed:
-            dist.all_reduce(count, group=self.topo.group("dp", "cp"))
+    def global_count(self, rows_loss_tokens: int) -> int:
+        """Loss tokens of the step: this data-parallel rank's whole rows (every context-parallel
+        rank of it holds the same rows), summed over the data-parallel ranks."""
+        count = torch.tensor([rows_loss_tokens], dtype=torch.long)
+        if self.topo.distributed and self.topo.dims.dp > 1:
+            dist.all_reduce(count, group=self.topo.group("dp"))
         return int(count)
 
     def step(self, rows: list[PackedBatch]) -> StepStats:
@@ -84,7 +110,7 @@ class ParallelEngine:
         loss_sum = torch.zeros((), dtype=torch.float64)
         for row in rows:
             with autocast(self.topo.device, self.autocast_dtype):
-                out = self.model(row.to(self.topo.device))
+                out = forward_row(self.model, row.to(self.topo.device), self.topo)
             (out.loss_sum / max(loss_tokens, 1)).backward()
             loss_sum += out.loss_sum.detach().double().cpu()
         norm = self.optimizer.reduce_and_norm()
@@ -94,4 +120,4 @@ class ParallelEngine:
         return StepStats(float(loss_sum) / max(loss_tokens, 1), loss_tokens, float(norm))
 
 
-__all__ = ["ParallelEngine", "PlainAdamW", "StepStats"]
+__all__ = ["ParallelEngine", "PlainAdamW", "StepStats", "forward_row"]
