@@ -16,9 +16,10 @@ from torch import nn
 
 from keyetron.backend.device import autocast
 from keyetron.data.batch import PackedBatch
-from keyetron.model.keye import LossOutput
+from keyetron.model.keye import KeyeVLModel, LossOutput
 from keyetron.parallel.context_parallel import ContextParallelAttention, plan_context_parallel
 from keyetron.parallel.data_parallel import ShardedAdamW, clip_coefficient, global_grad_norm, reduce_gradients
+from keyetron.parallel.tensor_parallel import apply_tensor_parallel, reduce_tp_partial_grads, vocab_parallel_loss
 from keyetron.parallel.topology import Topology
 from keyetron.parallel.vision import encode_vision_shared
 from keyetron.train.recipe import OptimSection
@@ -62,25 +63,54 @@ class PlainAdamW:
         self.inner.load_state_dict(state)
 
 
-def forward_row(model: nn.Module, row: PackedBatch, topo: Topology) -> LossOutput:
+def parallelize_keye(model: KeyeVLModel, topo: Topology, *, sequence_parallel: bool = True) -> None:
+    """Apply the topology's layout to a plain model (before building the engine's optimizer)."""
+    if topo.dims.tp > 1:
+        apply_tensor_parallel(model.llm, topo.submesh("tp"), sequence_parallel=sequence_parallel)
+    model.sequence_parallel = sequence_parallel and topo.dims.tp > 1
+
+
+def visual_index(model: KeyeVLModel, row: PackedBatch) -> torch.Tensor:
+    """Per token, the index of its visual feature in ``encode_vision`` order, -1 for text."""
+    ids = torch.tensor(model.visual_token_ids, device=row.input_ids.device)
+    is_visual = torch.isin(row.input_ids, ids)
+    return torch.where(is_visual, is_visual.long().cumsum(0) - 1, torch.full_like(row.input_ids, -1))
+
+
+def forward_row(model: KeyeVLModel, row: PackedBatch, topo: Topology) -> LossOutput:
     """Summed loss of this rank's part of one packed row under the topology's layout.
 
-    Context parallel: the TP x CP group encodes the row's images once between them
-    (``encode_vision_shared``), every rank embeds the whole row, keeps its context-parallel
-    slice of tokens (long documents split zigzag, short ones whole) and attends through the
-    all-gather-KV plan.
+    The stage-0 TP x CP group encodes the row's images once between them
+    (``encode_vision_shared``). Context parallel: each rank keeps its slice of the row's
+    tokens (long documents split zigzag, short ones whole) and attends through the
+    all-gather-KV plan. Tensor parallel: the slice (padded to a multiple of tp) is
+    embedded vocabulary-parallel, with sequence parallelism each TP rank holds 1/tp of
+    its tokens, and the loss is the vocabulary-parallel cross-entropy.
     """
-    if topo.dims.cp == 1:
+    cp, tp = topo.dims.cp, topo.dims.tp
+    if cp == 1 and tp == 1:
         return model(row)
+    sp = getattr(model, "sequence_parallel", False)
     visual = None
     if row.has_vision:
+        # With sequence parallelism every TP rank back-propagates only its own tokens' features.
+        grad_group = topo.group("cp", "tp") if sp else topo.group("cp")
         visual = encode_vision_shared(model, row.pixel_values, row.vision_grid_thw, topo.group("cp", "tp"),
-                                      grad_group=topo.group("cp"))
-    hidden = model.embed(row, visual)
-    plan = plan_context_parallel(row.cu_seqlens, topo.dims.cp)
-    local = plan.shard_batch(row, topo.cp_rank)
-    attention = ContextParallelAttention(plan, topo.cp_rank, topo.group("cp"))
-    out = model.llm.decode(plan.shard_tokens(hidden, topo.cp_rank), local.position_ids, attention)
+                                      grad_group=grad_group)
+    plan = plan_context_parallel(row.cu_seqlens, cp, pad_multiple=tp if sp else 1)
+    local = plan.shard_batch(row, topo.cp_rank, pad_token_id=model.llm.cfg.vocab_size - 1)
+    vidx = plan.shard_tokens(visual_index(model, row), topo.cp_rank, pad_value=-1)
+    attention = ContextParallelAttention(plan, topo.cp_rank, topo.group("cp") if cp > 1 else None)
+    hidden = model.llm.embed_tokens(local.input_ids)  # under sequence parallel: this TP rank's tokens
+    if sp:
+        n = hidden.shape[0]
+        vidx = vidx[topo.tp_rank * n:(topo.tp_rank + 1) * n]
+    if visual is not None:
+        take = vidx >= 0
+        hidden = torch.where(take[:, None], visual.to(hidden.dtype)[vidx.clamp(min=0)], hidden)
+    out = model.llm.decode(hidden, local.position_ids, attention)
+    if tp > 1:
+        return vocab_parallel_loss(out, model.llm.lm_head, local.targets)
     return model.loss(out, local.targets)
 
 
@@ -113,6 +143,8 @@ class ParallelEngine:
                 out = forward_row(self.model, row.to(self.topo.device), self.topo)
             (out.loss_sum / max(loss_tokens, 1)).backward()
             loss_sum += out.loss_sum.detach().double().cpu()
+        if self.topo.dims.tp > 1:
+            reduce_tp_partial_grads(self.model.llm)
         norm = self.optimizer.reduce_and_norm()
         self.optimizer.step(clip_coefficient(norm, self.optim_cfg.clip_grad))
         if self.topo.distributed:
@@ -120,4 +152,4 @@ class ParallelEngine:
         return StepStats(float(loss_sum) / max(loss_tokens, 1), loss_tokens, float(norm))
 
 
-__all__ = ["ParallelEngine", "PlainAdamW", "StepStats", "forward_row"]
+__all__ = ["ParallelEngine", "PlainAdamW", "StepStats", "forward_row", "parallelize_keye", "visual_index"]

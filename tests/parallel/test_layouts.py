@@ -4,16 +4,17 @@ import pytest
 import torch
 
 from distributed import run_ranks
-from keyetron.parallel.engine import ParallelEngine
+from keyetron.parallel.engine import ParallelEngine, parallelize_keye
 from keyetron.parallel.topology import ParallelDims, Topology
 from layouts import OPTIM, fresh_model, reference_run, step_rows
 
 STEPS, ROWS = 3, 2
 
 
-def _run(rank, world, dims, zero1):
+def _run(rank, world, dims, zero1, sp):
     topo = Topology.from_process_group(dims, "cpu")
     model = fresh_model()
+    parallelize_keye(model, topo, sequence_parallel=sp)
     engine = ParallelEngine(model, topo, OPTIM, zero1=zero1)
     dp = topo.dims.dp
     losses = []
@@ -21,7 +22,11 @@ def _run(rank, world, dims, zero1):
         rows = step_rows(step, ROWS)
         mine = rows[topo.dp_rank * (ROWS // dp):(topo.dp_rank + 1) * (ROWS // dp)]
         losses.append(engine.step(mine).loss)
-    return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
+    return losses, {n: full(p) for n, p in model.named_parameters()}
+
+
+def full(p):
+    return (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
 
 
 @pytest.fixture(scope="module")
@@ -29,18 +34,22 @@ def reference():
     return reference_run(STEPS, ROWS)
 
 
-LAYOUTS = {
-    "CP2": (ParallelDims(cp=2), 2, True),
-    "CP2-noZeRO": (ParallelDims(cp=2), 2, False),
-    "DP2xCP2": (ParallelDims(dp=2, cp=2), 4, True),
+LAYOUTS = {  # name: (dims, world, zero1, sequence_parallel)
+    "CP2": (ParallelDims(cp=2), 2, True, True),
+    "CP2-noZeRO": (ParallelDims(cp=2), 2, False, True),
+    "DP2xCP2": (ParallelDims(dp=2, cp=2), 4, True, True),
+    "TP2": (ParallelDims(tp=2), 2, True, True),
+    "TP2-noSP-noZeRO": (ParallelDims(tp=2), 2, False, False),
+    "TP2xCP2": (ParallelDims(cp=2, tp=2), 4, True, True),
+    "TP2xDP2": (ParallelDims(dp=2, tp=2), 4, True, True),
 }
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_equals_single_process(reference, name):
-    dims, world, zero1 = LAYOUTS[name]
+    dims, world, zero1, sp = LAYOUTS[name]
     ref_losses, ref_params = reference
-    for losses, params in run_ranks(world, _run, dims, zero1):
+    for losses, params in run_ranks(world, _run, dims, zero1, sp):
         assert losses == pytest.approx(ref_losses, rel=1e-12, abs=1e-12)
         for pname, ref in ref_params.items():
             torch.testing.assert_close(params[pname], ref, rtol=0, atol=1e-10, msg=f"{name}: {pname}")
