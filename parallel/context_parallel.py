@@ -181,14 +181,19 @@ def plan_context_parallel(
         tokens[rank] += b - a
 
     split, whole = [], []
+
+    def zigzag(d: int) -> None:
+        start, end = bounds[d], bounds[d + 1]
+        split.append(d)
+        edges = _chunk_edges(end - start, 2 * cp)
+        for r in range(cp):
+            for c in (r, 2 * cp - 1 - r):
+                if edges[c + 1] > edges[c]:
+                    place(r, start, edges[c], edges[c + 1])
+
     for d, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
         if end - start > threshold and cp > 1:
-            split.append(d)
-            edges = _chunk_edges(end - start, 2 * cp)
-            for r in range(cp):
-                for c in (r, 2 * cp - 1 - r):
-                    if edges[c + 1] > edges[c]:
-                        place(r, start, edges[c], edges[c + 1])
+            zigzag(d)
         elif end > start:
             whole.append(d)
 
@@ -200,6 +205,9 @@ def plan_context_parallel(
     for d in sorted(whole, key=lambda d: (-cost(d), d)):
         n = bounds[d + 1] - bounds[d]
         room = [r for r in range(cp) if local_len is None or tokens[r] + n <= local_len]
+        if not room and cp > 1 and n >= 2 * cp:  # a fixed local_len left no rank room: spread it instead
+            zigzag(d)
+            continue
         if not room:
             raise ValueError(f"context parallel: document {d} ({n} tokens) fits on no rank with local_len="
                              f"{local_len} (ranks hold {tokens}); raise local_len or lower split_threshold")
@@ -222,7 +230,7 @@ def plan_context_parallel(
             offset += end - start
         token_index = torch.cat(index) if index else torch.zeros(0, dtype=torch.long)
         shards.append(RankShard(token_index, tuple(segments), load[r]))
-    return ContextParallelPlan(cp, total, local_len, tuple(shards), tuple(split))
+    return ContextParallelPlan(cp, total, local_len, tuple(shards), tuple(sorted(split)))
 
 
 class _AllGatherTokens(torch.autograd.Function):

@@ -19,6 +19,7 @@ from keyetron.data.batch import PackedBatch
 from keyetron.model.keye import KeyeVLModel, LossOutput
 from keyetron.parallel.context_parallel import ContextParallelAttention, plan_context_parallel
 from keyetron.parallel.data_parallel import ShardedAdamW, clip_coefficient, global_grad_norm, reduce_gradients
+from keyetron.parallel.pipeline import Pipeline, fixed_local_tokens, wrap_for_loss
 from keyetron.parallel.tensor_parallel import apply_tensor_parallel, reduce_tp_partial_grads, vocab_parallel_loss
 from keyetron.parallel.topology import Topology
 from keyetron.parallel.vision import encode_vision_shared
@@ -77,19 +78,37 @@ def visual_index(model: KeyeVLModel, row: PackedBatch) -> torch.Tensor:
     return torch.where(is_visual, is_visual.long().cumsum(0) - 1, torch.full_like(row.input_ids, -1))
 
 
-def forward_row(model: KeyeVLModel, row: PackedBatch, topo: Topology) -> LossOutput:
-    """Summed loss of this rank's part of one packed row under the topology's layout.
+@dataclass
+class RowInputs:
+    """What the decoder layers of one rank need for one packed row."""
+
+    hidden: torch.Tensor  # stage-0 output: this rank's token embeddings (its CP slice, its SP shard)
+    position_ids: torch.Tensor  # (3, L) of this rank's CP slice (all of it, also under SP)
+    attention: object  # cu_seqlens, or the context-parallel plan that attends
+    targets: torch.Tensor  # (L,) of this rank's CP slice
+
+
+def row_context(model: KeyeVLModel, row: PackedBatch, topo: Topology, local_len: int | None = None):
+    """(plan, local text inputs, attention) of one row for this rank; no model compute.
+    ``local_len`` fixes the padded slice length (static pipeline shapes)."""
+    sp = getattr(model, "sequence_parallel", False)
+    plan = plan_context_parallel(row.cu_seqlens, topo.dims.cp, pad_multiple=topo.dims.tp if sp else 1,
+                                 local_len=local_len)
+    local = plan.shard_batch(row, topo.cp_rank, pad_token_id=model.cfg.text.vocab_size - 1)
+    attention = ContextParallelAttention(plan, topo.cp_rank, topo.group("cp") if topo.dims.cp > 1 else None)
+    return plan, local, attention
+
+
+def embed_row(model: KeyeVLModel, row: PackedBatch, topo: Topology, context=None) -> RowInputs:
+    """Stage-0 work for one row: shared ViT, this rank's slice of the embeddings.
 
     The stage-0 TP x CP group encodes the row's images once between them
     (``encode_vision_shared``). Context parallel: each rank keeps its slice of the row's
     tokens (long documents split zigzag, short ones whole) and attends through the
     all-gather-KV plan. Tensor parallel: the slice (padded to a multiple of tp) is
-    embedded vocabulary-parallel, with sequence parallelism each TP rank holds 1/tp of
-    its tokens, and the loss is the vocabulary-parallel cross-entropy.
+    embedded vocabulary-parallel; with sequence parallelism each TP rank holds 1/tp of it.
+    ``context``: the row's ``row_context`` when the caller already planned it (pipelines).
     """
-    cp, tp = topo.dims.cp, topo.dims.tp
-    if cp == 1 and tp == 1:
-        return model(row)
     sp = getattr(model, "sequence_parallel", False)
     visual = None
     if row.has_vision:
@@ -97,10 +116,8 @@ def forward_row(model: KeyeVLModel, row: PackedBatch, topo: Topology) -> LossOut
         grad_group = topo.group("cp", "tp") if sp else topo.group("cp")
         visual = encode_vision_shared(model, row.pixel_values, row.vision_grid_thw, topo.group("cp", "tp"),
                                       grad_group=grad_group)
-    plan = plan_context_parallel(row.cu_seqlens, cp, pad_multiple=tp if sp else 1)
-    local = plan.shard_batch(row, topo.cp_rank, pad_token_id=model.llm.cfg.vocab_size - 1)
+    plan, local, attention = context or row_context(model, row, topo)
     vidx = plan.shard_tokens(visual_index(model, row), topo.cp_rank, pad_value=-1)
-    attention = ContextParallelAttention(plan, topo.cp_rank, topo.group("cp") if cp > 1 else None)
     hidden = model.llm.embed_tokens(local.input_ids)  # under sequence parallel: this TP rank's tokens
     if sp:
         n = hidden.shape[0]
@@ -108,22 +125,57 @@ def forward_row(model: KeyeVLModel, row: PackedBatch, topo: Topology) -> LossOut
     if visual is not None:
         take = vidx >= 0
         hidden = torch.where(take[:, None], visual.to(hidden.dtype)[vidx.clamp(min=0)], hidden)
-    out = model.llm.decode(hidden, local.position_ids, attention)
-    if tp > 1:
-        return vocab_parallel_loss(out, model.llm.lm_head, local.targets)
-    return model.loss(out, local.targets)
+    return RowInputs(hidden, local.position_ids, attention, local.targets)
+
+
+def row_loss(model: KeyeVLModel, out: torch.Tensor, targets: torch.Tensor, topo: Topology) -> LossOutput:
+    """Summed loss of the final-normed hidden states (vocabulary-parallel under TP)."""
+    if topo.dims.tp > 1:
+        return vocab_parallel_loss(out, model.llm.lm_head, targets)
+    return model.loss(out, targets)
+
+
+def forward_row(model: KeyeVLModel, row: PackedBatch, topo: Topology) -> LossOutput:
+    """Summed loss of this rank's part of one packed row (no pipeline parallelism)."""
+    if topo.dims.cp == 1 and topo.dims.tp == 1:
+        return model(row)
+    inputs = embed_row(model, row, topo)
+    out = model.llm.decode(inputs.hidden, inputs.position_ids, inputs.attention)
+    return row_loss(model, out, inputs.targets, topo)
+
+
+@dataclass
+class PipelineOptions:
+    row_tokens: int  # packed row length (every micro-batch has it)
+    n_microbatches: int  # rows per data-parallel rank per step
+    schedule: str = "1f1b"  # gpipe | 1f1b | interleaved
+    virtual: int = 1  # stages per rank (interleaved)
+    layers: list[list[int]] | None = None  # decoder layers per stage; None: balanced with the ViT on stage 0
 
 
 class ParallelEngine:
-    def __init__(self, model: nn.Module, topo: Topology, optim: OptimSection, *, zero1: bool = True,
-                 autocast_dtype: torch.dtype | None = None):
+    def __init__(self, model: KeyeVLModel, topo: Topology, optim: OptimSection, *, zero1: bool = True,
+                 autocast_dtype: torch.dtype | None = None, pipeline: PipelineOptions | None = None):
         self.model, self.topo, self.optim_cfg = model, topo, optim
         self.autocast_dtype = autocast_dtype
+        self.pipeline = None
+        if topo.dims.pp > 1:
+            if pipeline is None:
+                raise ValueError(f"layout {topo.dims} has pipeline stages: give PipelineOptions (row length, "
+                                 "micro-batches per step, schedule)")
+            sp = getattr(model, "sequence_parallel", False)
+            self.local_len = fixed_local_tokens(pipeline.row_tokens, topo, sp)
+            dtype = next(model.parameters()).dtype
+            self.pipeline = Pipeline(model, topo, pipeline.n_microbatches, self.local_len, pipeline.schedule,
+                                     pipeline.virtual, pipeline.layers, loss_fn=self._micro_batch_loss,
+                                     dtype=autocast_dtype or (dtype if dtype == torch.float64 else torch.float32))
         groups = optimizer_param_groups(model, optim)
         if zero1:
             self.optimizer = ShardedAdamW(groups, topo, betas=optim.betas, eps=optim.eps)
         else:
             self.optimizer = PlainAdamW(model, groups, topo, optim.betas, optim.eps)
+        self._loss_tokens = 1
+        self._sums: list[torch.Tensor] = []
 
     def global_count(self, rows_loss_tokens: int) -> int:
         """Loss tokens of the step: this data-parallel rank's whole rows (every context-parallel
@@ -133,23 +185,42 @@ class ParallelEngine:
             dist.all_reduce(count, group=self.topo.group("dp"))
         return int(count)
 
+    def _micro_batch_loss(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The pipeline's loss_fn on the last stage: summed loss / the step's global count."""
+        loss = row_loss(self.model, wrap_for_loss(out, self.model, self.topo), target.reshape(-1), self.topo)
+        self._sums.append(loss.loss_sum.detach().double().cpu())
+        return loss.loss_sum / self._loss_tokens
+
     def step(self, rows: list[PackedBatch]) -> StepStats:
         """Forward and backward over this rank's rows, then one synchronised optimizer step."""
         loss_tokens = self.global_count(sum(r.num_loss_tokens for r in rows))
+        self._loss_tokens = max(loss_tokens, 1)
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), dtype=torch.float64)
-        for row in rows:
+        rows = [r.to(self.topo.device) for r in rows]
+        if self.pipeline is not None:
+            self._sums = []
+            contexts = [row_context(self.model, r, self.topo, self.local_len) for r in rows]
+            targets = torch.stack([c[1].targets for c in contexts])
             with autocast(self.topo.device, self.autocast_dtype):
-                out = forward_row(self.model, row.to(self.topo.device), self.topo)
-            (out.loss_sum / max(loss_tokens, 1)).backward()
-            loss_sum += out.loss_sum.detach().double().cpu()
+                self.pipeline.run(rows, contexts, targets)
+            loss_sum += sum(self._sums, torch.zeros((), dtype=torch.float64))
+        else:
+            for row in rows:
+                with autocast(self.topo.device, self.autocast_dtype):
+                    out = forward_row(self.model, row, self.topo)
+                (out.loss_sum / self._loss_tokens).backward()
+                loss_sum += out.loss_sum.detach().double().cpu()
         if self.topo.dims.tp > 1:
             reduce_tp_partial_grads(self.model.llm)
         norm = self.optimizer.reduce_and_norm()
         self.optimizer.step(clip_coefficient(norm, self.optim_cfg.clip_grad))
         if self.topo.distributed:
+            if self.topo.dims.pp > 1:  # only the last stage computed the loss
+                dist.all_reduce(loss_sum, group=self.topo.group("pp"))
             dist.all_reduce(loss_sum, group=self.topo.group("dp", "cp"))
         return StepStats(float(loss_sum) / max(loss_tokens, 1), loss_tokens, float(norm))
 
 
-__all__ = ["ParallelEngine", "PlainAdamW", "StepStats", "forward_row", "parallelize_keye", "visual_index"]
+__all__ = ["ParallelEngine", "PipelineOptions", "PlainAdamW", "RowInputs", "StepStats", "embed_row", "forward_row", "parallelize_keye",
+           "row_context", "row_loss", "visual_index"]
