@@ -63,14 +63,10 @@ def _data_make_demo(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from keyetron.train.entry import layout_overrides, run
     from keyetron.train.recipe import load_recipe
-    from keyetron.train.trainer import train
 
-    recipe = load_recipe(args.recipe, args.set)
-    summary = train(recipe)
-    print(json.dumps({k: v for k, v in summary.items() if k != "skips"} | {"skipped": summary["skips"]["total"]},
-                     indent=2, default=str))
-    return 0
+    return run(load_recipe(args.recipe, args.set + layout_overrides(args.tp, args.pp, args.cp, None)))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("recipe", help="a recipe YAML, e.g. recipes/demo-small.yaml")
     tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a recipe key, e.g. --set train.steps=20 (repeatable)")
+    for dim in ("tp", "pp", "cp"):
+        tr.add_argument(f"--{dim}", type=int, default=None,
+                        help=f"{dim} size under torchrun (overrides parallel.{dim}; dp is what the world leaves)")
     tr.set_defaults(func=_train)
     return parser
 

@@ -52,3 +52,15 @@ def device_name(device: torch.device | str) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return device.type
+
+
+def distributed_backend(device: torch.device | str) -> str:
+    """The collective backend for this device: NCCL on CUDA GPUs, gloo on CPU."""
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
+def set_current_device(device: torch.device | str) -> None:
+    """Make ``device`` this process's current accelerator (before creating NCCL groups)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)

@@ -69,6 +69,20 @@ def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimiz
     return final
 
 
+def is_distributed_checkpoint(path: str | Path) -> bool:
+    """A torch.distributed.checkpoint folder (keyetron.parallel.checkpoint), not a single-process one."""
+    return not (Path(path) / "model.safetensors").is_file()
+
+
+def mark_distributed_checkpoint(path: Path, step: int, keep: int, recipe_text: str) -> None:
+    """Make a finished distributed checkpoint findable like a single-process one (rank 0 only)."""
+    (path / "state.json").write_text(json.dumps({"step": step, "format": "torch.distributed.checkpoint"}))
+    (path / "recipe.yaml").write_text(recipe_text)
+    (path.parent / "latest").write_text(path.name + "\n")
+    for old in list_checkpoints(path.parent)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def resolve_checkpoint(choice: str, root: str | Path) -> Path | None:
     """``auto``: the newest complete checkpoint under ``root`` or None; ``none``: None; else that path."""
     if choice == "none":
@@ -100,5 +114,6 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
     return TrainState(state["step"], state["loader"], state["rng"], state["extra"])
 
 
-__all__ = ["CheckpointNotFound", "TrainState", "list_checkpoints", "load_checkpoint", "resolve_checkpoint",
+__all__ = ["CheckpointNotFound", "TrainState", "is_distributed_checkpoint", "list_checkpoints",
+           "mark_distributed_checkpoint", "step_dir", "load_checkpoint", "resolve_checkpoint",
            "save_checkpoint"]

@@ -15,8 +15,8 @@ from pathlib import Path
 log = logging.getLogger("keyetron.train")
 
 
-def setup_logging(output_dir: Path) -> None:
-    """Log to stderr and to ``<output_dir>/train.log`` (appending across resumes)."""
+def setup_logging(output_dir: Path, write_file: bool = True) -> None:
+    """Log to stderr and (``write_file``: rank 0) to ``<output_dir>/train.log``, appending across resumes."""
     output_dir.mkdir(parents=True, exist_ok=True)
     root = logging.getLogger("keyetron")
     root.setLevel(logging.INFO)
@@ -26,7 +26,10 @@ def setup_logging(output_dir: Path) -> None:
         if getattr(h, "_keyetron", False):
             root.removeHandler(h)
             h.close()
-    for handler in (logging.StreamHandler(sys.stderr), logging.FileHandler(target)):
+    handlers = [logging.StreamHandler(sys.stderr)] + ([logging.FileHandler(target)] if write_file else [])
+    if not write_file:  # other ranks: warnings only, so a multi-process log stays readable
+        handlers[0].setLevel(logging.WARNING)
+    for handler in handlers:
         handler.setFormatter(fmt)
         handler._keyetron = True
         root.addHandler(handler)
@@ -34,8 +37,9 @@ def setup_logging(output_dir: Path) -> None:
 
 
 class MetricSink:
-    def __init__(self, output_dir: Path, tensorboard: bool = True):
+    def __init__(self, output_dir: Path, tensorboard: bool = True, write: bool = True):
         self.path = output_dir / "metrics.jsonl"
+        self.enabled = write
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -43,6 +47,8 @@ class MetricSink:
             self.writer = SummaryWriter(str(output_dir / "tb"))
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         if self.writer is not None:

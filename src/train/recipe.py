@@ -91,6 +91,26 @@ class EvalSection:
 
 
 @dataclass
+class ParallelSection:
+    """The layout of a multi-process run (``torchrun ... -m keyetron.train``); flags override it."""
+
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    dp: int = 0  # 0: the world size divided by pp * cp * tp
+    zero1: bool = True  # shard optimizer state and fp32 master weights over dp x cp
+    sequence_parallel: bool = True  # with tp > 1
+    schedule: str = "1f1b"  # pipeline schedule: gpipe | 1f1b | interleaved
+    virtual_stages: int = 1  # pipeline stages per rank (interleaved)
+
+    def __post_init__(self) -> None:
+        if min(self.tp, self.pp, self.cp, self.virtual_stages) < 1 or self.dp < 0:
+            raise ValueError(f"tp, pp, cp, virtual_stages must be >= 1 and dp >= 0, got {self}")
+        if self.schedule not in ("gpipe", "1f1b", "interleaved"):
+            raise ValueError(f"schedule {self.schedule!r} is not one of ['gpipe', '1f1b', 'interleaved']")
+
+
+@dataclass
 class Recipe:
     name: str = "run"
     output_dir: str = "runs/run"  # checkpoints/, tb/, train.log, metrics.jsonl, summary.json
@@ -102,6 +122,7 @@ class Recipe:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     log: LogSection = field(default_factory=LogSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
 
     def __post_init__(self) -> None:
         if not self.data.sources:
@@ -150,4 +171,4 @@ def recipe_yaml(recipe: Recipe) -> str:
 
 
 __all__ = ["CheckpointSection", "DataSection", "EvalSection", "LogSection", "ModelSection", "OptimSection",
-           "Recipe", "TrainSection", "apply_override", "load_recipe", "recipe_yaml"]
+           "ParallelSection", "Recipe", "TrainSection", "apply_override", "load_recipe", "recipe_yaml"]

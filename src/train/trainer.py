@@ -7,6 +7,7 @@ filled). The parallel engine (keyetron.parallel) reuses this loop's pieces.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -25,7 +26,8 @@ from keyetron.data.tokenizer import KeyeTokenizer
 from keyetron.model import build_model, load_model_config
 from keyetron.model.hf_checkpoint import load_into
 from keyetron.model.keye import KeyeVLModel, set_activation_checkpointing, set_attention_kernel
-from keyetron.train.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from keyetron.train.checkpoint import (is_distributed_checkpoint, load_checkpoint, mark_distributed_checkpoint,
+                                      resolve_checkpoint, save_checkpoint, step_dir)
 from keyetron.train.evaluate import EvalReport, evaluate
 from keyetron.train.flops import FlopCount, FlopCounter, peak_flops
 from keyetron.train.metrics import MetricSink, Progress, setup_logging
@@ -98,11 +100,18 @@ class StepResult:
 
 
 class Trainer:
-    def __init__(self, recipe: Recipe, device: torch.device | None = None):
+    """Single-process by default; with a distributed ``topo`` the step runs through
+    ``keyetron.parallel.engine.ParallelEngine`` (every rank builds the same model first)."""
+
+    def __init__(self, recipe: Recipe, device: torch.device | None = None, topo=None):
+        from keyetron.parallel.topology import Topology
+
         self.recipe = recipe
         self.out = Path(recipe.output_dir)
-        setup_logging(self.out)
         self.device = device or default_device()
+        self.topo = topo or Topology.single(self.device)
+        self.is_main = self.topo.rank == 0
+        setup_logging(self.out, write_file=self.is_main)
         torch.manual_seed(recipe.train.seed)
         want_bf16 = recipe.train.precision == "bf16" or (recipe.train.precision == "auto" and supports_bf16(self.device))
         if recipe.train.precision == "bf16" and not supports_bf16(self.device):
@@ -116,13 +125,21 @@ class Trainer:
         set_activation_checkpointing(self.model, vit="vit" in recipe.model.activation_checkpointing,
                                      llm="llm" in recipe.model.activation_checkpointing)
         self.trainable = apply_freeze(self.model, recipe.train.freeze)
-        self.optimizer = build_optimizer(self.model, recipe)
+        self.param_counts = {m: sum(p.numel() for p in getattr(self.model, m).parameters()) for m in MODULES}
+        self.engine = None
+        if self.topo.distributed:
+            self.engine = build_engine(self.model, self.topo, recipe, self.autocast_dtype)
+            self.optimizer = self.engine.optimizer.inner  # the LR schedule drives its groups
+        else:
+            self.optimizer = build_optimizer(self.model, recipe)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(recipe.schedule, recipe.train.steps))
         self.tokenizer = KeyeTokenizer(self.cfg.tokenizer)
         builder = DocumentBuilder(self.cfg, self.tokenizer, recipe.data.media)
         source = ConcatSource([open_source(s) for s in recipe.data.sources])
         self.dataset = SampleDataset(source, builder)
-        self.loader = PackedLoader(self.dataset, recipe.data.loader, pad_token_id=self.tokenizer.pad_id)
+        dp, dp_rank = self.topo.dims.dp, self.topo.dp_rank  # each data-parallel rank reads its own records
+        self.loader = PackedLoader(self.dataset, recipe.data.loader, indices=range(dp_rank, len(self.dataset), dp),
+                                   pad_token_id=self.tokenizer.pad_id)
         self.eval_dataset = SampleDataset(open_source(recipe.data.eval), builder) if recipe.data.eval else None
         self.flops = FlopCounter(self.cfg, self.trainable)
         matmul_dtype = self.autocast_dtype or torch.float32
@@ -133,15 +150,37 @@ class Trainer:
         self.history: list[dict] = []
         resume = resolve_checkpoint(recipe.checkpoint.resume, recipe.checkpoint_dir)
         if resume is not None:
-            state = load_checkpoint(resume, self.model, self.optimizer, self.scheduler)
-            self.step = state.step
+            self._resume(resume)
+            log.info("resumed from %s at step %d", resume, self.step)
+
+    def _resume(self, path: Path) -> None:
+        from keyetron.parallel.checkpoint import load_distributed, load_into_single_process
+
+        if not is_distributed_checkpoint(path):
+            state = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
+            self.step, self.history = state.step, state.extra.get("history", [])
             self.loader.load_state_dict(state.loader)
             torch.set_rng_state(torch.tensor(state.rng, dtype=torch.uint8))
-            self.history = state.extra.get("history", [])
-            log.info("resumed from %s at step %d", resume, self.step)
+            return
+        if self.engine is not None:
+            extra = load_distributed(path, self.model, self.engine.optimizer, self.topo)
+        else:  # a multi-process run continued in one process
+            extra = load_into_single_process(path, self.model, self.optimizer)
+        self.step, self.history = extra["step"], extra.get("history", [])
+        self.scheduler.load_state_dict(extra["scheduler"])
+        loaders = extra["loaders"]
+        key = str(self.topo.dp_rank)
+        if key in loaders and len(loaders) == self.topo.dims.dp:
+            self.loader.load_state_dict(loaders[key])
+        else:
+            log.warning("checkpoint %s was written with %d data-parallel readers, this run has %d: the data "
+                        "position restarts at the beginning of epoch %d", path, len(loaders), self.topo.dims.dp,
+                        max(s["epoch"] for s in loaders.values()))
 
     # -- one optimizer step ---------------------------------------------------------------
     def train_step(self) -> StepResult:
+        if self.engine is not None:
+            return self._parallel_step()
         t0 = time.perf_counter()
         rows = [next(self.loader) for _ in range(self.recipe.train.grad_accum)]
         loss_tokens = sum(r.num_loss_tokens for r in rows)
@@ -162,19 +201,63 @@ class Trainer:
         return StepResult(total_loss / max(loss_tokens, 1), loss_tokens, tokens, flops, float(grad_norm),
                           time.perf_counter() - t0)
 
+    def _parallel_step(self) -> StepResult:
+        import torch.distributed as dist
+
+        t0 = time.perf_counter()
+        rows = [next(self.loader) for _ in range(self.recipe.train.grad_accum)]
+        stats = self.engine.step(rows)
+        self.scheduler.step()
+        flops = sum((self.flops.count_batch(row) for row in rows), FlopCount())
+        # Whole rows are counted once per data-parallel rank (its CP/TP/PP ranks share them).
+        totals = torch.tensor([*dataclasses.astuple(flops), sum(r.num_tokens for r in rows)], dtype=torch.float64)
+        if self.topo.dims.dp > 1:
+            dist.all_reduce(totals, group=self.topo.group("dp"))
+        synchronize(self.device)
+        self.step += 1
+        counted = FlopCount(*(int(v) for v in totals[:-1].tolist()))
+        return StepResult(stats.loss, stats.loss_tokens, int(totals[-1]), counted, stats.grad_norm,
+                          time.perf_counter() - t0)
+
     # -- the run ----------------------------------------------------------------------------
     def save(self) -> Path:
+        if self.engine is not None:
+            return self._save_distributed()
         path = save_checkpoint(self.recipe.checkpoint_dir, self.step, self.model, self.optimizer, self.scheduler,
                                self.loader.state_dict(), {"history": self.history}, recipe_yaml(self.recipe),
                                self.recipe.checkpoint.keep)
         log.info("saved checkpoint %s", path)
         return path
 
-    def run_eval(self, sink: MetricSink) -> EvalReport | None:
+    def _save_distributed(self) -> Path:
+        import torch.distributed as dist
+        from keyetron.parallel.checkpoint import save_distributed
+
+        states = [None] * self.topo.world_size
+        dist.all_gather_object(states, (self.topo.dp_rank, self.loader.state_dict()))
+        extra = {"step": self.step, "scheduler": self.scheduler.state_dict(), "history": self.history,
+                 "loaders": {str(dp): st for dp, st in states}, "layout": str(self.topo.dims)}
+        path = save_distributed(step_dir(self.recipe.checkpoint_dir, self.step), self.model, self.engine.optimizer,
+                                self.topo, extra)
+        if self.is_main:
+            mark_distributed_checkpoint(path, self.step, self.recipe.checkpoint.keep, recipe_yaml(self.recipe))
+        dist.barrier()
+        log.info("saved checkpoint %s", path)
+        return path
+
+    def run_eval(self, sink: MetricSink, checkpoint: Path | None = None) -> EvalReport | None:
         if self.eval_dataset is None:
             return None
+        model = self.model
+        if self.engine is not None:  # evaluate the whole model in one process, from the checkpoint just written
+            from keyetron.parallel.checkpoint import load_into_single_process
+
+            if not self.is_main or checkpoint is None:
+                return None
+            model = build_model(self.cfg, device=self.device, seed=self.recipe.train.seed)
+            load_into_single_process(checkpoint, model, None)
         ev = self.recipe.eval
-        report = evaluate(self.model, self.eval_dataset, device=self.device, dtype=self.autocast_dtype,
+        report = evaluate(model, self.eval_dataset, device=self.device, dtype=self.autocast_dtype,
                           max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, max_samples=ev.max_samples)
         sink.write(self.step, report.metrics())
         log.info("step %d %s", self.step, report.summary())
@@ -184,14 +267,14 @@ class Trainer:
 
     def fit(self) -> dict:
         r = self.recipe
-        if self.step == 0:  # a fresh run does not append to an earlier run's metrics
+        if self.step == 0 and self.is_main:  # a fresh run does not append to an earlier run's metrics
             (self.out / "metrics.jsonl").unlink(missing_ok=True)
-        sink = MetricSink(self.out, r.log.tensorboard)
-        (self.out / "recipe.yaml").write_text(recipe_yaml(r))
-        counts = {m: sum(p.numel() for p in getattr(self.model, m).parameters()) for m in MODULES}
-        log.info("run %s on %s (%s), precision %s; parameters %s; trainable %s", r.name, self.device,
-                 device_name(self.device), "bf16" if self.autocast_dtype else "fp32",
-                 {k: f"{v / 1e6:.1f}M" for k, v in counts.items()}, self.trainable)
+        sink = MetricSink(self.out, r.log.tensorboard and self.is_main, write=self.is_main)
+        if self.is_main:
+            (self.out / "recipe.yaml").write_text(recipe_yaml(r))
+        log.info("run %s on %s (%s), layout %s, precision %s; parameters %s; trainable %s", r.name, self.device,
+                 device_name(self.device), self.topo.dims, "bf16" if self.autocast_dtype else "fp32",
+                 {k: f"{v / 1e6:.1f}M" for k, v in self.param_counts.items()}, self.trainable)
         progress = Progress(r.train.steps, self.step)
         window: list[StepResult] = []
         report = None
@@ -211,14 +294,15 @@ class Trainer:
             progress.update(self.step, f"loss {res.loss:.3f}")
             if r.checkpoint.every and self.step % r.checkpoint.every == 0 and not last:
                 self.save()
-            if r.eval.every and self.step % r.eval.every == 0 and not last:
+            if r.eval.every and self.step % r.eval.every == 0 and not last and self.engine is None:
                 self.run_eval(sink)
         progress.close()
-        self.save()
-        report = self.run_eval(sink)
+        final = self.save()
+        report = self.run_eval(sink, final)
         log.info(self.dataset.skips.summary())
         summary = self._summary(report)
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        if self.is_main:
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         sink.close()
         return summary
 
@@ -239,8 +323,9 @@ class Trainer:
             "data/skipped": self.dataset.skips.total,
             "data/epoch": self.loader.epoch,
         }
+        metrics["perf/tokens_per_s_per_device"] = metrics["perf/tokens_per_s"] / self.topo.world_size
         if self.peak:
-            metrics["perf/mfu"] = flops.total / (seconds * self.peak)
+            metrics["perf/mfu"] = flops.total / (seconds * self.topo.world_size * self.peak)
         return metrics
 
     def _summary(self, report: EvalReport | None) -> dict:
@@ -257,6 +342,20 @@ class Trainer:
                            "per_type_majority_baseline": report.per_type_majority_baseline,
                            "samples": report.samples, "by_type": report.by_type, "skipped": report.skipped}
         return out
+
+
+def build_engine(model: KeyeVLModel, topo, recipe: Recipe, autocast_dtype):
+    """Apply the topology's layout to ``model`` and build the engine that steps it."""
+    from keyetron.parallel.engine import ParallelEngine, PipelineOptions, parallelize_keye
+
+    par = recipe.parallel
+    parallelize_keye(model, topo, sequence_parallel=par.sequence_parallel)
+    pipeline = None
+    if topo.dims.pp > 1:
+        pipeline = PipelineOptions(recipe.data.loader.row_tokens, recipe.train.grad_accum, par.schedule,
+                                   par.virtual_stages)
+    return ParallelEngine(model, topo, recipe.optim, zero1=par.zero1, autocast_dtype=autocast_dtype,
+                          pipeline=pipeline)
 
 
 def train(recipe: Recipe) -> dict:
