@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+ROWS_PER_STEP = 4  # packed rows per step and data-parallel rank (pipeline micro-batches)
+ROW_TOKENS = 1024
 LAYOUTS = [  # (name, nproc, flags)
     ("single", 1, []),
     ("DP2", 2, []),
@@ -39,7 +41,9 @@ def run_layout(name: str, nproc: int, flags: list[str], recipe: Path, work: Path
            "-m", "keyetron.train", "--recipe", str(recipe), *flags,
            "--set", f"output_dir={out}", "--set", f"train.steps={steps}", "--set", f"model.config={model}",
            "--set", "log.every=1", "--set", "log.tensorboard=false", "--set", "data.eval=null",
-           "--set", "checkpoint.resume=none", "--set", f"checkpoint.every={steps * 10}"]
+           "--set", "checkpoint.resume=none", "--set", f"checkpoint.every={steps * 10}",
+           "--set", "schedule.name=constant", "--set", "schedule.warmup_steps=0",
+           "--set", f"train.grad_accum={ROWS_PER_STEP}", "--set", f"data.loader.row_tokens={ROW_TOKENS}"]
     env = dict(os.environ, OMP_NUM_THREADS="1", KEYETRON_DEVICE="cpu")
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -83,7 +87,8 @@ def main() -> int:
     if args.out:
         header = (f"# CPU step time per layout\n\nMachine: {os.cpu_count()} cores ({platform.processor() or 'cpu'}), "
                   f"torch {__import__('torch').__version__}, model `{args.model}`, recipe `{args.recipe}`, "
-                  f"{args.steps} steps, median of steps 3-{args.steps}.\n\n"
+                  f"{args.steps} steps of {ROWS_PER_STEP} rows x {ROW_TOKENS} tokens per data-parallel rank, "
+                  f"median of steps 3-{args.steps}.\n\n"
                   f"Reproduce: `.venv/bin/python bench/layouts.py --model {args.model} --steps {args.steps} "
                   f"--out {args.out}`\n\n")
         Path(args.out).write_text(header + table + "\n")

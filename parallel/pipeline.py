@@ -145,6 +145,9 @@ class Pipeline:
             raise ValueError(f"virtual stages ({virtual}) need the 'interleaved' schedule")
         pp = topo.dims.pp
         n_stages = pp * virtual
+        if n_microbatches < pp:
+            raise ValueError(f"a pipeline of {pp} stages needs at least {pp} micro-batches (packed rows) per step "
+                             f"and data-parallel rank, got {n_microbatches}: raise train.grad_accum")
         cfg = model.cfg
         if layers is None:
             layers = split_layers(cfg.text.num_layers, n_stages, vit_layer_equivalents(cfg, local_tokens))
