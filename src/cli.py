@@ -8,6 +8,7 @@ import sys
 from keyetron.config import ConfigError
 from keyetron.data.sources import SourceError
 from keyetron.data.tokenizer import TokenizerError
+from keyetron.parallel.balance import CalibrationError
 from keyetron.train.checkpoint import CheckpointNotFound
 
 
@@ -62,11 +63,27 @@ def _data_make_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_balance(args: argparse.Namespace) -> int:
+    from keyetron.bench.balance import format_report, run_bench
+    from keyetron.parallel.balance import CostModel
+
+    model = CostModel.load(args.calibration) if args.calibration else CostModel.from_flops(args.config)
+    report = run_bench(args.ranks, args.row_tokens, args.samples, args.seed, args.rows_per_rank, model)
+    print(json.dumps(report) if args.json else format_report(report))
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
     from keyetron.train.entry import layout_overrides, run
     from keyetron.train.recipe import load_recipe
 
     return run(load_recipe(args.recipe, args.set + layout_overrides(args.tp, args.pp, args.cp, None)))
+
+
+def _io_server(args: argparse.Namespace) -> int:
+    from keyetron.io.server import run_server
+
+    return run_server(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,6 +111,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--eval-size", type=int, default=300)
     demo.set_defaults(func=_data_make_demo)
 
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True,
+                                                                      metavar="BENCH")
+    bal = bench.add_parser("balance", help="load balancer vs naive token filling on a synthetic video/image/text mix")
+    bal.add_argument("--ranks", type=int, required=True, help="data-parallel ranks")
+    bal.add_argument("--row-tokens", type=int, required=True, help="tokens per packed row (micro-batch)")
+    bal.add_argument("--samples", type=int, default=1024, help="samples in the global batch (default 1024)")
+    bal.add_argument("--seed", type=int, default=0)
+    bal.add_argument("--rows-per-rank", type=int, default=None, help="cap on rows per rank (default: as needed)")
+    bal.add_argument("--config", default="keye-8b", help="model config whose FLOPs give the default cost model")
+    bal.add_argument("--calibration", default=None, help="cost calibration file (JSON/YAML) instead of FLOPs")
+    bal.add_argument("--json", action="store_true", help="print JSON: naive and balanced reports (vit, llm, "
+                     "combined: max_over_mean, ratio_to_lower_bound; rows_per_rank; scheduler_ms)")
+    bal.set_defaults(func=_bench_balance)
+
     tr = sub.add_parser("train", help="train from a recipe (single process; see recipes/)")
     tr.add_argument("recipe", help="a recipe YAML, e.g. recipes/demo-small.yaml")
     tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -102,6 +133,16 @@ def build_parser() -> argparse.ArgumentParser:
         tr.add_argument(f"--{dim}", type=int, default=None,
                         help=f"{dim} size under torchrun (overrides parallel.{dim}; dp is what the world leaves)")
     tr.set_defaults(func=_train)
+
+    io = sub.add_parser("io-server", help="serve image / video decoding to training ranks (worker processes)")
+    io.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    io.add_argument("--port", type=int, default=7341, help="TCP port (0 picks a free one; it is printed)")
+    io.add_argument("--workers", type=int, default=2, help="decode worker processes (default 2)")
+    io.add_argument("--queue-size", type=int, default=None,
+                    help="decodes that may wait for a worker before clients are told 'busy' (default 2 x workers)")
+    io.add_argument("--secret-file", default=None, help="the shared secret (default: $KEYETRON_IO_SECRET)")
+    io.add_argument("--lifetime", type=float, default=None, help="stop after this many seconds (default: never)")
+    io.set_defaults(func=_io_server)
     return parser
 
 
@@ -112,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"keyetron: config error: {err}", file=sys.stderr)
         return 2
-    except (SourceError, CheckpointNotFound, TokenizerError) as err:
+    except (SourceError, CheckpointNotFound, TokenizerError, CalibrationError) as err:
         print(f"keyetron: {err}", file=sys.stderr)
         return 1
 
