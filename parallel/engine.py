@@ -19,6 +19,7 @@ from keyetron.data.batch import PackedBatch
 from keyetron.model.keye import KeyeVLModel, LossOutput
 from keyetron.parallel.context_parallel import ContextParallelAttention, plan_context_parallel
 from keyetron.parallel.data_parallel import ShardedAdamW, clip_coefficient, global_grad_norm, reduce_gradients
+from keyetron.parallel.fsdp import FSDPAdamW, apply_fsdp
 from keyetron.parallel.pipeline import Pipeline, fixed_local_tokens, wrap_for_loss
 from keyetron.parallel.tensor_parallel import apply_tensor_parallel, reduce_tp_partial_grads, vocab_parallel_loss
 from keyetron.parallel.topology import Topology
@@ -153,9 +154,25 @@ class PipelineOptions:
     layers: list[list[int]] | None = None  # decoder layers per stage; None: balanced with the ViT on stage 0
 
 
+SHARDINGS = ("zero1", "fsdp2", "none")  # LLM optimizer state (zero1), + weights and gradients (fsdp2), nothing
+
+
 class ParallelEngine:
-    def __init__(self, model: KeyeVLModel, topo: Topology, optim: OptimSection, *, zero1: bool = True,
-                 autocast_dtype: torch.dtype | None = None, pipeline: PipelineOptions | None = None):
+    def __init__(self, model: KeyeVLModel, topo: Topology, optim: OptimSection, *, sharding: str = "zero1",
+                 zero1: bool = True, autocast_dtype: torch.dtype | None = None,
+                 pipeline: PipelineOptions | None = None):
+        # -- sharding (FSDP2 applied here, before the optimizer sees the parameters) --------
+        if sharding == "zero1" and not zero1:  # zero1=False: the older spelling of sharding="none"
+            sharding = "none"
+        if sharding not in SHARDINGS:
+            raise ValueError(f"sharding={sharding!r}: expected one of {SHARDINGS}")
+        if sharding == "fsdp2":
+            if topo.dims.pp > 1:
+                raise ValueError(f"layout {topo.dims}: FSDP2 with pipeline parallelism is not supported yet; "
+                                 "use sharding='zero1' (or 'none') with pipeline stages")
+            apply_fsdp(model, topo)
+        self.sharding = sharding
+        # -- end sharding --------------------------------------------------------------------
         self.model, self.topo, self.optim_cfg = model, topo, optim
         self.autocast_dtype = autocast_dtype
         self.pipeline = None
@@ -170,8 +187,10 @@ class ParallelEngine:
                                      pipeline.virtual, pipeline.layers, loss_fn=self._micro_batch_loss,
                                      dtype=autocast_dtype or (dtype if dtype == torch.float64 else torch.float32))
         groups = optimizer_param_groups(model, optim)
-        if zero1:
+        if sharding == "zero1":
             self.optimizer = ShardedAdamW(groups, topo, betas=optim.betas, eps=optim.eps)
+        elif sharding == "fsdp2":
+            self.optimizer = FSDPAdamW(model, groups, topo, optim.betas, optim.eps)
         else:
             self.optimizer = PlainAdamW(model, groups, topo, optim.betas, optim.eps)
         self._loss_tokens = 1
@@ -222,5 +241,5 @@ class ParallelEngine:
         return StepStats(float(loss_sum) / max(loss_tokens, 1), loss_tokens, float(norm))
 
 
-__all__ = ["ParallelEngine", "PipelineOptions", "PlainAdamW", "RowInputs", "StepStats", "embed_row", "forward_row", "parallelize_keye",
-           "row_context", "row_loss", "visual_index"]
+__all__ = ["SHARDINGS", "ParallelEngine", "PipelineOptions", "PlainAdamW", "RowInputs", "StepStats", "embed_row",
+           "forward_row", "parallelize_keye", "row_context", "row_loss", "visual_index"]

@@ -98,7 +98,7 @@ class ParallelSection:
     pp: int = 1
     cp: int = 1
     dp: int = 0  # 0: the world size divided by pp * cp * tp
-    zero1: bool = True  # shard optimizer state and fp32 master weights over dp x cp
+    sharding: str = "zero1"  # zero1 (optimizer state + fp32 masters over dp x cp) | fsdp2 (weights too) | none
     sequence_parallel: bool = True  # with tp > 1
     schedule: str = "1f1b"  # pipeline schedule: gpipe | 1f1b | interleaved
     virtual_stages: int = 1  # pipeline stages per rank (interleaved)
@@ -106,6 +106,8 @@ class ParallelSection:
     def __post_init__(self) -> None:
         if min(self.tp, self.pp, self.cp, self.virtual_stages) < 1 or self.dp < 0:
             raise ValueError(f"tp, pp, cp, virtual_stages must be >= 1 and dp >= 0, got {self}")
+        if self.sharding not in ("zero1", "fsdp2", "none"):
+            raise ValueError(f"sharding {self.sharding!r} is not one of ['zero1', 'fsdp2', 'none']")
         if self.schedule not in ("gpipe", "1f1b", "interleaved"):
             raise ValueError(f"schedule {self.schedule!r} is not one of ['gpipe', '1f1b', 'interleaved']")
 

@@ -354,7 +354,7 @@ def build_engine(model: KeyeVLModel, topo, recipe: Recipe, autocast_dtype):
     if topo.dims.pp > 1:
         pipeline = PipelineOptions(recipe.data.loader.row_tokens, recipe.train.grad_accum, par.schedule,
                                    par.virtual_stages)
-    return ParallelEngine(model, topo, recipe.optim, zero1=par.zero1, autocast_dtype=autocast_dtype,
+    return ParallelEngine(model, topo, recipe.optim, sharding=par.sharding, autocast_dtype=autocast_dtype,
                           pipeline=pipeline)
 
 

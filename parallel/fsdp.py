@@ -1,0 +1,139 @@
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``) of the LLM: the alternative to ZeRO-1.
+
+ZeRO-1 keeps the full LLM weights and gradients on every rank and shards only the AdamW
+state; FSDP2 shards the weights and gradients too. Each decoder layer is one FSDP unit
+(all-gathered before its forward and again before its backward, its gradients
+reduce-scattered right after), the embedding is one, the final norm and the head are one
+(``fully_shard([norm, lm_head])``: the norm runs at the end of ``decode``, the head later
+in the loss), and the LLM is the root that ties them together. A tied head shares one
+unit with the embedding.
+
+Sharding is over the flattened ``("dp", "cp")`` mesh dims: data- and context-parallel
+ranks hold the same LLM weights (the replica group of ``data_parallel.py``). Under tensor
+parallelism the parameters are already DTensors on ``topo.mesh["tp"]``; FSDP2 shards
+their local TP shards on dim 0 and makes them DTensors on the 2-D ``(dp_cp, tp)`` mesh,
+which needs the FSDP and TP meshes to be slices of the one ``topo.mesh``.
+
+Every rank's loss is already divided by the step's global loss-token count, so FSDP must
+SUM the gradients, not average them: the divide factor is 1 and reductions are forced to
+plain ``SUM`` (fp32/bf16 would otherwise use ``PREMUL_SUM``, which gloo lacks).
+
+The ViT and projector are not touched: replicated over dp x cp x tp as under ZeRO-1;
+``FSDPAdamW.reduce_and_norm`` all-reduces their gradients.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import FSDPModule, fully_shard
+
+from keyetron.model.keye import KeyeVLModel
+from keyetron.parallel.data_parallel import VISION_MODULES, reduce_gradients
+from keyetron.parallel.topology import Topology
+
+FSDP_DIM = "dp_cp"  # name of the flattened ("dp", "cp") mesh dim
+
+
+def fsdp_mesh(topo: Topology):
+    """The 1-D mesh FSDP shards over: dp x cp flattened, a slice of ``topo.mesh`` (so that
+    FSDP can join it with the TP mesh into one 2-D mesh). Idempotent."""
+    if topo.mesh is None:
+        raise ValueError("FSDP2 shards over data- and context-parallel ranks: it needs a distributed topology "
+                         "(Topology.from_process_group); use sharding='none' in a single process")
+    return topo.mesh["dp", "cp"]._flatten(FSDP_DIM)
+
+
+def apply_fsdp(model: KeyeVLModel, topo: Topology) -> None:
+    """Shard ``model.llm`` in place with FSDP2 over dp x cp (after tensor parallelism, before
+    building the optimizer). The ViT and projector stay replicated."""
+    llm = model.llm
+    if isinstance(llm, FSDPModule):
+        raise ValueError("FSDP2 is already applied to this model (ParallelEngine(sharding='fsdp2') applies it; "
+                         "do not call apply_fsdp before it)")
+    mesh = fsdp_mesh(topo)
+    for layer in llm.layers:
+        fully_shard(layer, mesh=mesh)
+    if llm.lm_head.weight is llm.embed_tokens.weight:  # tied: one unit, from the embedding to the head
+        fully_shard([llm.embed_tokens, llm.norm, llm.lm_head], mesh=mesh)
+    else:
+        fully_shard(llm.embed_tokens, mesh=mesh)
+        fully_shard([llm.norm, llm.lm_head], mesh=mesh)
+    fully_shard(llm, mesh=mesh)
+    for module in llm.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
+    # FSDP picks its root (shared communication state, backward bookkeeping) lazily, in the
+    # first forward of the root module. The engine never calls ``llm.forward`` (there is
+    # none): it calls ``embed_tokens``, ``decode`` and the head directly, and each then
+    # runs as its own iteration's forward root under the LLM's root state, the case FSDP
+    # supports for submodule-only forwards. So the root is made here, before any of them runs.
+    llm._get_fsdp_state()._lazy_init()
+
+
+def _tp_sharded(p: torch.Tensor) -> bool:
+    """Whether parameter ``p`` is split by tensor parallelism (not just by FSDP)."""
+    mesh = getattr(p, "device_mesh", None)
+    names = mesh.mesh_dim_names if mesh is not None else None
+    return bool(names) and "tp" in names and p.placements[names.index("tp")].is_shard()
+
+
+def fsdp_grad_norm(model: nn.Module, topo: Topology) -> torch.Tensor:
+    """The 2-norm of the full-model gradient under FSDP2, every value counted once: an LLM
+    gradient shard lives on one dp x cp rank (TP-replicated ones on every TP rank: counted
+    on TP rank 0); a vision gradient, after the all-reduce, on every rank (counted once)."""
+    total = torch.zeros((), dtype=torch.float64, device=topo.device)
+    first_vit_replica = topo.dp_rank == 0 and topo.cp_rank == 0 and topo.tp_rank == 0
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        if name.split(".")[0] in VISION_MODULES:
+            counted = first_vit_replica
+        else:
+            counted = _tp_sharded(p) or topo.tp_rank == 0
+        if counted:
+            g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+            total += g.double().pow(2).sum()
+    if topo.distributed:
+        dist.all_reduce(total)
+    return total.sqrt()
+
+
+class FSDPAdamW:
+    """Plain ``torch.optim.AdamW`` over FSDP2's sharded parameters (each rank steps its 1/N
+    of the LLM and the whole ViT), behind the interface of ``ShardedAdamW``.
+
+    FSDP reduce-scatters LLM gradients during backward, so ``reduce_and_norm`` all-reduces
+    only the vision gradients before taking the global norm.
+    """
+
+    def __init__(self, model: nn.Module, named_groups: list[dict], topo: Topology, betas, eps):
+        self.model, self.topo = model, topo
+        self.inner = torch.optim.AdamW(named_groups, betas=betas, eps=eps)
+        self.param_groups = self.inner.param_groups
+        self._llm_names = {n for n, _ in model.named_parameters() if n.split(".")[0] not in VISION_MODULES}
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.inner.zero_grad(set_to_none)
+
+    def reduce_and_norm(self) -> torch.Tensor:
+        reduce_gradients(self.model, self.topo, skip=self._llm_names)
+        return fsdp_grad_norm(self.model, self.topo)
+
+    def step(self, clip_coef: float = 1.0) -> None:
+        if clip_coef != 1.0:
+            for g in self.param_groups:
+                for p in g["params"]:
+                    if p.grad is not None:
+                        p.grad.mul_(clip_coef)
+        self.inner.step()
+
+    def state_dict(self) -> dict:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state)
+
+
+__all__ = ["FSDPAdamW", "apply_fsdp", "fsdp_grad_norm", "fsdp_mesh"]
