@@ -93,6 +93,17 @@ def global_grad_norm(model: nn.Module, topo: Topology, norm_type: float = 2.0) -
     return total.sqrt()
 
 
+@torch.no_grad()
+def scale_gradients(param_groups: list[dict], coef: float) -> None:
+    """Multiply every gradient of the optimizer's groups by ``coef`` (global-norm clipping)."""
+    if coef == 1.0:
+        return
+    for g in param_groups:
+        for p in g["params"]:
+            if p.grad is not None:
+                p.grad.mul_(coef)
+
+
 def clip_coefficient(norm: torch.Tensor, max_norm: float | None) -> float:
     if not max_norm or not math.isfinite(float(norm)):
         return 1.0
@@ -193,11 +204,7 @@ class ShardedAdamW:
         return out
 
     def step(self, clip_coef: float = 1.0) -> None:
-        if clip_coef != 1.0:
-            for g in self.param_groups:
-                for p in g["params"]:
-                    if p.grad is not None:
-                        p.grad.mul_(clip_coef)
+        scale_gradients(self.param_groups, clip_coef)
         self.inner.step()
         for layout, g in zip(self.layouts, self.param_groups):
             if layout is None:
@@ -223,4 +230,4 @@ class ShardedAdamW:
         self.inner.load_state_dict(state)
 
 
-__all__ = ["ShardedAdamW", "clip_coefficient", "global_grad_norm", "reduce_gradients", "replica_group_of"]
+__all__ = ["ShardedAdamW", "clip_coefficient", "scale_gradients", "global_grad_norm", "reduce_gradients", "replica_group_of"]

@@ -18,7 +18,8 @@ from keyetron.backend.device import autocast
 from keyetron.data.batch import PackedBatch
 from keyetron.model.keye import KeyeVLModel, LossOutput
 from keyetron.parallel.context_parallel import ContextParallelAttention, plan_context_parallel
-from keyetron.parallel.data_parallel import ShardedAdamW, clip_coefficient, global_grad_norm, reduce_gradients
+from keyetron.parallel.data_parallel import (ShardedAdamW, clip_coefficient, global_grad_norm, reduce_gradients,
+                                             scale_gradients)
 from keyetron.parallel.fsdp import FSDPAdamW, apply_fsdp
 from keyetron.parallel.pipeline import Pipeline, fixed_local_tokens, wrap_for_loss
 from keyetron.parallel.tensor_parallel import apply_tensor_parallel, reduce_tp_partial_grads, vocab_parallel_loss
@@ -51,11 +52,7 @@ class PlainAdamW:
         return global_grad_norm(self.model, self.topo)
 
     def step(self, clip_coef: float = 1.0) -> None:
-        if clip_coef != 1.0:
-            for g in self.param_groups:
-                for p in g["params"]:
-                    if p.grad is not None:
-                        p.grad.mul_(clip_coef)
+        scale_gradients(self.param_groups, clip_coef)
         self.inner.step()
 
     def state_dict(self) -> dict:

@@ -29,7 +29,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from keyetron.model.keye import KeyeVLModel
-from keyetron.parallel.data_parallel import VISION_MODULES, reduce_gradients
+from keyetron.parallel.data_parallel import VISION_MODULES, reduce_gradients, scale_gradients
 from keyetron.parallel.topology import Topology
 
 FSDP_DIM = "dp_cp"  # name of the flattened ("dp", "cp") mesh dim
@@ -122,11 +122,7 @@ class FSDPAdamW:
         return fsdp_grad_norm(self.model, self.topo)
 
     def step(self, clip_coef: float = 1.0) -> None:
-        if clip_coef != 1.0:
-            for g in self.param_groups:
-                for p in g["params"]:
-                    if p.grad is not None:
-                        p.grad.mul_(clip_coef)
+        scale_gradients(self.param_groups, clip_coef)
         self.inner.step()
 
     def state_dict(self) -> dict:
