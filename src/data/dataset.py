@@ -26,10 +26,11 @@ import torch
 
 from keyetron.data.batch import IGNORE_INDEX, Document
 from keyetron.data.errors import MediaError
-from keyetron.data.image import MAX_SOURCE_PIXELS, image_size, load_image, normalise, patchify, probe_image, resize_rgb
+from keyetron.data.image import (MAX_SOURCE_PIXELS, PATCH, image_size, load_image, normalise, patchify, probe_image,
+                                 resize_rgb)
 from keyetron.data.render import VideoLayout, prompt_of, render_sample
 from keyetron.data.resize import IMAGE_MAX_TOKENS, IMAGE_MIN_TOKENS
-from keyetron.data.samples import Sample, SampleError, parse_sample
+from keyetron.data.samples import Part, Sample, SampleError, parse_sample
 from keyetron.data.slowfast import FAST, estimate_video_tokens, get_profile, plan_video, sample_frame_indices
 from keyetron.data.sources import SampleSource
 from keyetron.data.tokenizer import KeyeTokenizer
@@ -115,11 +116,31 @@ def _pixels(rgb, hw: tuple[int, int]) -> torch.Tensor:
     return patchify(normalise(resize_rgb(rgb, hw)))
 
 
+def decode_media(part: Part, media: MediaConfig, patch_size: int = PATCH):
+    """One image or video part -> (render entry, pixel tensors, grids), one tensor and grid per ViT item.
+
+    The entry is the image's LLM token count or the video's VideoLayout. This is the decode
+    work a ``keyetron.io`` decode server runs for remote ranks, so both paths share it.
+    """
+    if part.kind == "image":
+        img = load_image(part.value, media.image_min_tokens, media.image_max_tokens, media.max_source_pixels)
+        return img.size.llm_tokens, [img.pixel_values], [img.size.grid_thw]
+    plan, frames = plan_video(part.value, media.video_profile, media.video_fps, media.video_total_tokens)
+    pixels, grids = [], []
+    for frame, kind in zip(frames, plan.frame_types):
+        hw = plan.fast_hw if kind == FAST else plan.slow_hw
+        pixels.append(_pixels(frame, hw))
+        grids.append((1, hw[0] // patch_size, hw[1] // patch_size))
+    return VideoLayout(plan.timestamps, plan.frame_types, plan.slow_tokens, plan.fast_tokens), pixels, grids
+
+
 class DocumentBuilder:
     """Sample -> Document (tokens, loss mask, 3D positions, pixels and grids)."""
 
-    def __init__(self, model: KeyeConfig, tokenizer: KeyeTokenizer, media: MediaConfig | None = None):
+    def __init__(self, model: KeyeConfig, tokenizer: KeyeTokenizer, media: MediaConfig | None = None,
+                 decoder=None):
         self.model = model
+        self.decoder = decoder  # None: decode here; else e.g. keyetron.io.RemoteDecoder (same results)
         self.tok = tokenizer
         self.media = media or MediaConfig()
         self.profile = get_profile(self.media.video_profile)
@@ -133,21 +154,12 @@ class DocumentBuilder:
     def _visual(self, sample: Sample):
         """Per media part: its render entry (token count or VideoLayout), patches and per-item grids."""
         entries, pixels, grids = [], [], []
-        patch = self.model.vision.patch_size
+        decode = decode_media if self.decoder is None else self.decoder.decode
         for part in sample.media:
-            if part.kind == "image":
-                img = load_image(part.value, self.media.image_min_tokens, self.media.image_max_tokens,
-                                 self.media.max_source_pixels)
-                entries.append(img.size.llm_tokens)
-                pixels.append(img.pixel_values)
-                grids.append(img.size.grid_thw)
-                continue
-            plan, frames = plan_video(part.value, self.profile, self.media.video_fps, self.media.video_total_tokens)
-            entries.append(VideoLayout(plan.timestamps, plan.frame_types, plan.slow_tokens, plan.fast_tokens))
-            for frame, kind in zip(frames, plan.frame_types):
-                hw = plan.fast_hw if kind == FAST else plan.slow_hw
-                pixels.append(_pixels(frame, hw))
-                grids.append((1, hw[0] // patch, hw[1] // patch))
+            entry, part_pixels, part_grids = decode(part, self.media, self.model.vision.patch_size)
+            entries.append(entry)
+            pixels += part_pixels
+            grids += part_grids
         return entries, pixels, grids
 
     def build(self, sample: Sample, prompt_only: bool = False) -> Document:
@@ -241,4 +253,4 @@ class SampleDataset:
         return self._with_record(index, self.builder.estimate_cost)
 
 
-__all__ = ["DocumentBuilder", "MediaConfig", "SampleCost", "SampleDataset", "Skip", "SkipLog"]
+__all__ = ["DocumentBuilder", "MediaConfig", "decode_media", "SampleCost", "SampleDataset", "Skip", "SkipLog"]
