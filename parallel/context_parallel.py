@@ -37,16 +37,14 @@ import torch.distributed as dist
 
 from keyetron.backend.attention import varlen_attention
 from keyetron.data.batch import IGNORE_INDEX, PackedBatch
+from keyetron.parallel.collectives import all_gather_tensor as _all_gather
+from keyetron.parallel.collectives import reduce_scatter_tensor as _reduce_scatter
 
 # Cost of one token's matmuls in units of one causal (query, key) pair, Qwen3-8B:
 # 2 * 193M matmul params per layer / (4 * 32 heads * 128 dims) = ~24K. Short documents are
 # therefore balanced by tokens, 100K-token ones by attention. Pass
 # 2 * layer_params / (4 * num_heads * head_dim) for another model.
 DEFAULT_LINEAR_WEIGHT = 24_000.0
-
-# torch 2.13 renamed the tensor-in/tensor-out collectives to *_single; 2.11 has only the old names.
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 class Segment(NamedTuple):

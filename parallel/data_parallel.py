@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from keyetron.parallel.collectives import all_gather_tensor, reduce_scatter_tensor
 from keyetron.parallel.topology import Topology
 
 VISION_MODULES = ("vit", "projector")
@@ -178,7 +179,7 @@ class ShardedAdamW:
                 offset += n
             shard = torch.empty(size, dtype=flat.dtype, device=flat.device)
             if self.group is not None:
-                dist.reduce_scatter_tensor(shard, flat, group=self.group)
+                reduce_scatter_tensor(shard, flat, group=self.group)
             else:
                 shard.copy_(flat)
             master.grad = shard
@@ -213,7 +214,7 @@ class ShardedAdamW:
             master = g["params"][0]
             flat = torch.empty(padded, dtype=master.dtype, device=master.device)
             if self.group is not None:
-                dist.all_gather_into_tensor(flat, master.detach(), group=self.group)
+                all_gather_tensor(flat, master.detach(), group=self.group)
             else:
                 flat.copy_(master.detach())
             offset = 0

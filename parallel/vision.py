@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from keyetron.model.keye import KeyeVLModel
+from keyetron.parallel.collectives import all_gather_tensor
 
 ATTENTION_PATCHES = 4096  # p at which attention costs as much as the linear layers (order of magnitude)
 
@@ -45,7 +46,7 @@ class _GatherFeatures(torch.autograd.Function):
         padded = local.new_zeros((width, *local.shape[1:]))
         padded[:local.shape[0]] = local
         out = local.new_empty((len(sizes) * width, *local.shape[1:]))
-        dist.all_gather_into_tensor(out, padded.contiguous(), group=group)
+        all_gather_tensor(out, padded.contiguous(), group=group)
         blocks = [out[r * width:r * width + n] for r, n in enumerate(sizes)]
         return torch.cat(blocks)
 
