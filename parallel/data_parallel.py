@@ -111,6 +111,32 @@ def clip_coefficient(norm: torch.Tensor, max_norm: float | None) -> float:
     return min(1.0, max_norm / (float(norm) + 1e-6))
 
 
+class PlainAdamW:
+    """Unsharded AdamW behind the same interface as ``ShardedAdamW``."""
+
+    def __init__(self, model: nn.Module, named_groups: list[dict], topo: Topology, betas, eps):
+        self.model, self.topo = model, topo
+        self.inner = torch.optim.AdamW(named_groups, betas=betas, eps=eps)
+        self.param_groups = self.inner.param_groups
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.inner.zero_grad(set_to_none)
+
+    def reduce_and_norm(self) -> torch.Tensor:
+        reduce_gradients(self.model, self.topo)
+        return global_grad_norm(self.model, self.topo)
+
+    def step(self, clip_coef: float = 1.0) -> None:
+        scale_gradients(self.param_groups, clip_coef)
+        self.inner.step()
+
+    def state_dict(self) -> dict:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state)
+
+
 class ShardedAdamW:
     """ZeRO-1 AdamW: LLM optimizer state and fp32 master weights sharded over dp x cp.
 
@@ -231,4 +257,4 @@ class ShardedAdamW:
         self.inner.load_state_dict(state)
 
 
-__all__ = ["ShardedAdamW", "clip_coefficient", "scale_gradients", "global_grad_norm", "reduce_gradients", "replica_group_of"]
+__all__ = ["PlainAdamW", "ShardedAdamW", "clip_coefficient", "scale_gradients", "global_grad_norm", "reduce_gradients", "replica_group_of"]

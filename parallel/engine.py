@@ -18,8 +18,7 @@ from keyetron.backend.device import autocast
 from keyetron.data.batch import PackedBatch
 from keyetron.model.keye import KeyeVLModel, LossOutput
 from keyetron.parallel.context_parallel import ContextParallelAttention, plan_context_parallel
-from keyetron.parallel.data_parallel import (ShardedAdamW, clip_coefficient, global_grad_norm, reduce_gradients,
-                                             scale_gradients)
+from keyetron.parallel.data_parallel import PlainAdamW, ShardedAdamW, clip_coefficient
 from keyetron.parallel.fsdp import FSDPAdamW, apply_fsdp
 from keyetron.parallel.pipeline import Pipeline, fixed_local_tokens, wrap_for_loss
 from keyetron.parallel.tensor_parallel import apply_tensor_parallel, reduce_tp_partial_grads, vocab_parallel_loss
@@ -34,32 +33,6 @@ class StepStats:
     loss: float  # mean token loss of the whole step (all ranks)
     loss_tokens: int  # global
     grad_norm: float
-
-
-class PlainAdamW:
-    """Unsharded AdamW behind the same interface as ``ShardedAdamW``."""
-
-    def __init__(self, model: nn.Module, named_groups: list[dict], topo: Topology, betas, eps):
-        self.model, self.topo = model, topo
-        self.inner = torch.optim.AdamW(named_groups, betas=betas, eps=eps)
-        self.param_groups = self.inner.param_groups
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.inner.zero_grad(set_to_none)
-
-    def reduce_and_norm(self) -> torch.Tensor:
-        reduce_gradients(self.model, self.topo)
-        return global_grad_norm(self.model, self.topo)
-
-    def step(self, clip_coef: float = 1.0) -> None:
-        scale_gradients(self.param_groups, clip_coef)
-        self.inner.step()
-
-    def state_dict(self) -> dict:
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.inner.load_state_dict(state)
 
 
 def parallelize_keye(model: KeyeVLModel, topo: Topology, *, sequence_parallel: bool = True) -> None:

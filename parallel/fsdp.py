@@ -29,7 +29,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from keyetron.model.keye import KeyeVLModel
-from keyetron.parallel.data_parallel import VISION_MODULES, reduce_gradients, scale_gradients
+from keyetron.parallel.data_parallel import VISION_MODULES, PlainAdamW, reduce_gradients
 from keyetron.parallel.topology import Topology
 
 FSDP_DIM = "dp_cp"  # name of the flattened ("dp", "cp") mesh dim
@@ -100,7 +100,7 @@ def fsdp_grad_norm(model: nn.Module, topo: Topology) -> torch.Tensor:
     return total.sqrt()
 
 
-class FSDPAdamW:
+class FSDPAdamW(PlainAdamW):
     """Plain ``torch.optim.AdamW`` over FSDP2's sharded parameters (each rank steps its 1/N
     of the LLM and the whole ViT), behind the interface of ``ShardedAdamW``.
 
@@ -109,27 +109,12 @@ class FSDPAdamW:
     """
 
     def __init__(self, model: nn.Module, named_groups: list[dict], topo: Topology, betas, eps):
-        self.model, self.topo = model, topo
-        self.inner = torch.optim.AdamW(named_groups, betas=betas, eps=eps)
-        self.param_groups = self.inner.param_groups
+        super().__init__(model, named_groups, topo, betas, eps)
         self._llm_names = {n for n, _ in model.named_parameters() if n.split(".")[0] not in VISION_MODULES}
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.inner.zero_grad(set_to_none)
 
     def reduce_and_norm(self) -> torch.Tensor:
         reduce_gradients(self.model, self.topo, skip=self._llm_names)
         return fsdp_grad_norm(self.model, self.topo)
-
-    def step(self, clip_coef: float = 1.0) -> None:
-        scale_gradients(self.param_groups, clip_coef)
-        self.inner.step()
-
-    def state_dict(self) -> dict:
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.inner.load_state_dict(state)
 
 
 __all__ = ["FSDPAdamW", "apply_fsdp", "fsdp_grad_norm", "fsdp_mesh"]
