@@ -2,13 +2,22 @@
 
 Records are visited in a fresh permutation each epoch (seeded by ``seed`` and the epoch),
 built into documents (bad samples become counted skips) and streamed through a
-``RowPacker``. The loader's position is plain data: the epoch, the cursor in that epoch's
-order, the record indices of the documents waiting in the packer's buffer, and the rows
-already packed but not yet handed out. ``load_state_dict`` refetches those few documents
-and continues with exactly the rows an uninterrupted run would have produced.
+``RowPacker``. The order is global: the epochs' permutations, one after another, form one
+stream of *positions* (position ``p`` is record ``epoch_order(p // n)[p % n]``), and
+data-parallel reader ``r`` of ``D`` takes positions ``r, r + D, r + 2D, ...``. Every record
+is read once per epoch by exactly one reader, whatever the readers' speeds.
+
+The loader's position is plain data: the epoch, the next position (``cursor``, advancing by
+the stride ``D``; after a resize first a ``queue`` of leftover positions), the record
+indices of the documents waiting in the packer's buffer, and the rows already packed but
+not yet handed out. ``load_state_dict`` refetches those few documents and continues with
+exactly the rows an uninterrupted run would have produced. ``reshard_loader_states`` turns
+the states of ``D`` readers into states for ``D'`` readers that read every remaining
+sample exactly once.
 """
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -16,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from keyetron.data.batch import Document, PackedBatch
-from keyetron.data.dataset import SampleDataset
+from keyetron.data.dataset import SampleDataset, Skip, SkipLog
 from keyetron.data.packing import PADDING_SAMPLE_ID, PIECE_SEPARATOR, DEFAULT_PAD_TOKEN_ID, OversizePolicy, \
     RowPacker, build_row, split_document
 
@@ -44,18 +53,25 @@ def _original_id(sample_id: str) -> str:
 
 
 class PackedLoader:
-    """Infinite iterator of packed rows over ``dataset`` (or the records ``indices`` of it)."""
+    """Infinite iterator of packed rows over ``dataset`` (or the records ``indices`` of it),
+    as data-parallel reader ``dp_rank`` of ``dp_size`` (see the module docstring)."""
 
     def __init__(self, dataset: SampleDataset, cfg: LoaderConfig, indices: Sequence[int] | None = None,
-                 pad_token_id: int = DEFAULT_PAD_TOKEN_ID):
+                 pad_token_id: int = DEFAULT_PAD_TOKEN_ID, dp_rank: int = 0, dp_size: int = 1):
         self.dataset = dataset
         self.cfg = cfg
         self.indices = list(range(len(dataset))) if indices is None else list(indices)
         if not self.indices:
             raise ValueError(f"no records to load from {dataset.source.name}")
+        if not 0 <= dp_rank < dp_size <= len(self.indices):
+            raise ValueError(f"data-parallel reader {dp_rank} of {dp_size} over {len(self.indices)} records of "
+                             f"{dataset.source.name}: every reader needs at least one record per epoch")
         self.pad_token_id = pad_token_id
+        self.stride = dp_size
         self.epoch = 0
-        self.cursor = 0
+        self.cursor = dp_rank  # the next position of the global order this reader takes
+        self.queue: deque[int] = deque()  # positions taken before ``cursor``, left over from a resize
+        self._order: tuple[int, list[int]] | None = None  # (epoch, epoch_order(epoch)) cached
         self._packer = self._new_packer()
         self._pending: deque[PackedBatch] = deque()
         self._record_of: dict[str, int] = {}  # sample id -> record index, for documents not yet emitted
@@ -73,6 +89,12 @@ class PackedLoader:
         gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
         return [self.indices[i] for i in torch.randperm(len(self.indices), generator=gen).tolist()]
 
+    def _record_at(self, position: int) -> int:
+        epoch, offset = divmod(position, len(self.indices))
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, self.epoch_order(epoch))
+        return self._order[1][offset]
+
     def __iter__(self) -> Iterator[PackedBatch]:
         return self
 
@@ -88,8 +110,8 @@ class PackedLoader:
         return row
 
     def _fill(self) -> None:
-        order = self.epoch_order(self.epoch)
-        if self.cursor >= len(order):
+        position = self.queue[0] if self.queue else self.cursor
+        if position // len(self.indices) > self.epoch:
             if not self._flushed:  # hand out the epoch's last rows before the epoch number moves on
                 self._pending.extend(self._packer.flush())
                 self._flushed = True
@@ -99,10 +121,13 @@ class PackedLoader:
                 if self._empty_epochs > 1:
                     raise RuntimeError(f"a whole epoch of {self.dataset.source.name} gave no usable sample; "
                                        f"see the skip log:\n{self.dataset.skips.summary()}")
-            self.epoch, self.cursor, self.documents_built, self._flushed = self.epoch + 1, 0, 0, False
+            self.epoch, self.documents_built, self._flushed = self.epoch + 1, 0, False
             return
-        index = order[self.cursor]
-        self.cursor += 1
+        if self.queue:
+            self.queue.popleft()
+        else:
+            self.cursor += self.stride
+        index = self._record_at(position)
         doc = self.dataset.document(index)
         if doc is None:
             return
@@ -124,7 +149,8 @@ class PackedLoader:
         def ids(sample_ids):
             return [(sid, self._record_of[_original_id(sid)]) for sid in sample_ids if sid != PADDING_SAMPLE_ID]
 
-        return {"epoch": self.epoch, "cursor": self.cursor, "documents_built": self.documents_built,
+        return {"epoch": self.epoch, "cursor": self.cursor, "stride": self.stride, "queue": list(self.queue),
+                "documents_built": self.documents_built,
                 "flushed": self._flushed, "empty_epochs": self._empty_epochs,
                 "packer": self._packer.state_dict(),
                 "buffer_records": [self._record_of[_original_id(s)] for s in self._packer.state_dict()["buffered"]],
@@ -143,7 +169,15 @@ class PackedLoader:
         return split_document(doc, self.cfg.row_tokens)[k]
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.cursor = state["epoch"], state["cursor"]
+        """Continue from ``state_dict`` output of a reader with the same stride (data-parallel
+        size); states of another size go through ``reshard_loader_states`` first."""
+        if "stride" not in state:
+            raise ValueError("this loader state predates the global data order (no 'stride'); it cannot be "
+                             "resumed exactly: start the data from the beginning or resume with the old version")
+        if state["stride"] != self.stride:
+            raise ValueError(f"loader state was written by one of {state['stride']} data-parallel readers, this is "
+                             f"one of {self.stride}; convert the states with reshard_loader_states")
+        self.epoch, self.cursor, self.queue = state["epoch"], state["cursor"], deque(state["queue"])
         self.documents_built, self._flushed = state["documents_built"], state["flushed"]
         self._empty_epochs = state["empty_epochs"]
         self._record_of = {}
@@ -157,4 +191,55 @@ class PackedLoader:
         self.dataset.skips.load_state_dict(state["skips"])
 
 
-__all__ = ["LoaderConfig", "PackedLoader"]
+def reshard_loader_states(states: dict[int, dict], new_dp: int) -> dict[int, dict]:
+    """States for ``new_dp`` readers that continue where the ``states`` of all old readers
+    (keyed by data-parallel rank) stopped: every sample not yet handed out, exactly once.
+
+    Positions: an old reader has taken all of its positions below its cursor except those
+    still in its queue, so the positions no reader has taken are the queues plus, per
+    reader, its stride steps from its cursor. Those below the largest cursor ``m`` are
+    dealt round-robin (in order) as the new readers' queues; from ``m`` on, new reader
+    ``r`` takes ``m + r, m + r + new_dp, ...``. Documents already read but not handed out
+    (packer buffers and packed rows) are dealt round-robin too: the new readers refetch them
+    first. The skip logs are merged into reader 0's.
+    """
+    if sorted(states) != list(range(len(states))):
+        raise ValueError(f"loader states of data-parallel ranks {sorted(states)}; need every rank 0..n-1")
+    if new_dp <= 0:
+        raise ValueError(f"the new data-parallel size must be positive, got {new_dp}")
+    old = [states[r] for r in range(len(states))]
+    stride = old[0]["stride"]
+    assert all(s["stride"] == stride == len(old) for s in old), [s["stride"] for s in old]
+    row_tokens = old[0]["packer"]["row_tokens"]
+    top = max(s["cursor"] for s in old)
+    left = sorted(itertools.chain.from_iterable(
+        [*s["queue"], *range(s["cursor"], top, stride)] for s in old))
+
+    def buffered(carried: bool) -> list[tuple[str, int]]:
+        return [(sid, record) for s in old for k, (sid, record) in
+                enumerate(zip(s["packer"]["buffered"], s["buffer_records"]))
+                if (k < s["packer"]["num_carried"]) == carried]
+
+    # Carried documents first (a buffer keeps them as its prefix), dealt on from one counter.
+    docs = buffered(True) + buffered(False)
+    carried = len(buffered(True))
+    rows = [row for s in old for row in s["pending"]]
+    skips = SkipLog()
+    for s in old:
+        skips.counts.update(s["skips"]["counts"])
+        skips.entries.extend(Skip(**e) for e in s["skips"]["entries"][:SkipLog.MAX_KEPT - len(skips.entries)])
+    new = {}
+    for r in range(new_dp):
+        mine = range(r, len(docs), new_dp)
+        new[r] = {"epoch": min(s["epoch"] for s in old), "cursor": top + r, "stride": new_dp,
+                  "queue": left[r::new_dp], "documents_built": max(s["documents_built"] for s in old),
+                  "flushed": False, "empty_epochs": 0,
+                  "packer": {"row_tokens": row_tokens, "buffered": [docs[k][0] for k in mine],
+                             "num_carried": sum(k < carried for k in mine)},
+                  "buffer_records": [docs[k][1] for k in mine],
+                  "pending": rows[r::new_dp],
+                  "skips": skips.state_dict() if r == 0 else SkipLog().state_dict()}
+    return new
+
+
+__all__ = ["LoaderConfig", "PackedLoader", "reshard_loader_states"]

@@ -20,7 +20,7 @@ import torch
 from keyetron.data.batch import PackedBatch
 from keyetron.backend.device import autocast, default_device, device_name, supports_bf16, synchronize
 from keyetron.data.dataset import DocumentBuilder, SampleDataset
-from keyetron.data.loader import PackedLoader
+from keyetron.data.loader import PackedLoader, reshard_loader_states
 from keyetron.data.sources import ConcatSource, open_source
 from keyetron.data.tokenizer import KeyeTokenizer
 from keyetron.model import build_model, load_model_config
@@ -137,9 +137,9 @@ class Trainer:
         builder = DocumentBuilder(self.cfg, self.tokenizer, recipe.data.media)
         source = ConcatSource([open_source(s) for s in recipe.data.sources])
         self.dataset = SampleDataset(source, builder)
-        dp, dp_rank = self.topo.dims.dp, self.topo.dp_rank  # each data-parallel rank reads its own records
-        self.loader = PackedLoader(self.dataset, recipe.data.loader, indices=range(dp_rank, len(self.dataset), dp),
-                                   pad_token_id=self.tokenizer.pad_id)
+        # The data-parallel ranks share one global order, each taking every dp-th position of it.
+        self.loader = PackedLoader(self.dataset, recipe.data.loader, pad_token_id=self.tokenizer.pad_id,
+                                   dp_rank=self.topo.dp_rank, dp_size=self.topo.dims.dp)
         self.eval_dataset = SampleDataset(open_source(recipe.data.eval), builder) if recipe.data.eval else None
         self.flops = FlopCounter(self.cfg, self.trainable)
         matmul_dtype = self.autocast_dtype or torch.float32
@@ -159,7 +159,7 @@ class Trainer:
         if not is_distributed_checkpoint(path):
             state = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
             self.step, self.history = state.step, state.extra.get("history", [])
-            self.loader.load_state_dict(state.loader)
+            self._restore_loader({0: state.loader}, path)
             torch.set_rng_state(torch.tensor(state.rng, dtype=torch.uint8))
             return
         if self.engine is not None:
@@ -168,14 +168,15 @@ class Trainer:
             extra = load_into_single_process(path, self.model, self.optimizer)
         self.step, self.history = extra["step"], extra.get("history", [])
         self.scheduler.load_state_dict(extra["scheduler"])
-        loaders = extra["loaders"]
-        key = str(self.topo.dp_rank)
-        if key in loaders and len(loaders) == self.topo.dims.dp:
-            self.loader.load_state_dict(loaders[key])
-        else:
-            log.warning("checkpoint %s was written with %d data-parallel readers, this run has %d: the data "
-                        "position restarts at the beginning of epoch %d", path, len(loaders), self.topo.dims.dp,
-                        max(s["epoch"] for s in loaders.values()))
+        self._restore_loader({int(dp): state for dp, state in extra["loaders"].items()}, path)
+
+    def _restore_loader(self, loaders: dict[int, dict], path: Path) -> None:
+        """This rank's data position from every data-parallel rank's loader state in the checkpoint."""
+        if len(loaders) != self.topo.dims.dp:
+            log.info("checkpoint %s was written with %d data-parallel readers, this run has %d: the remaining "
+                     "samples are dealt to the new readers", path, len(loaders), self.topo.dims.dp)
+            loaders = reshard_loader_states(loaders, self.topo.dims.dp)
+        self.loader.load_state_dict(loaders[self.topo.dp_rank])
 
     # -- one optimizer step ---------------------------------------------------------------
     def train_step(self) -> StepResult:
