@@ -21,6 +21,7 @@ import multiprocessing as mp
 import os
 import pickle
 import socket
+import threading
 import traceback
 from collections.abc import Callable
 
@@ -74,7 +75,9 @@ def _rank_main(rank: int, world: int, port: int, fn: Callable, args: tuple, conn
 
 def run_ranks(world: int, fn: Callable, *args, timeout: float = DEFAULT_TIMEOUT_S) -> list:
     """Run ``fn(rank, world, *args)`` on ``world`` forked ranks; return their results by rank."""
-    ctx = mp.get_context("fork")
+    # Forking while other threads run (a thread pool or server thread left by an earlier test)
+    # can copy a held lock into the child and hang it; start clean processes then.
+    ctx = mp.get_context("fork" if threading.active_count() == 1 else "spawn")
     port = free_port()
     procs, conns = [], []
     for rank in range(world):
