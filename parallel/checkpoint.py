@@ -272,12 +272,8 @@ def _master_from_params(opt: ShardedAdamW) -> None:
     for layout, g in zip(opt.layouts, opt.param_groups):
         if layout is None:
             continue
-        params, _, padded, size = layout
         master = g["params"][0]
-        flat = torch.zeros(padded, dtype=master.dtype, device=master.device)
-        local = torch.cat([_local(p).reshape(-1).to(master.dtype) for p in params])
-        flat[:local.numel()] = local
-        master.copy_(flat[opt.rank * size:(opt.rank + 1) * size])
+        master.copy_(opt.master_slice(layout, master.dtype, master.device))
 
 
 # -- save and load ----------------------------------------------------------------------------------

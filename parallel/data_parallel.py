@@ -164,14 +164,22 @@ class ShardedAdamW:
             total = sum(numels)
             padded = math.ceil(total / self.world) * self.world
             size = padded // self.world
-            flat = torch.zeros(padded, dtype=torch.float32 if params[0].dtype != torch.float64 else torch.float64,
-                               device=topo.device)
-            flat[:total] = torch.cat([_local(p).detach().reshape(-1).to(flat.dtype) for p in params])
-            master = flat[self.rank * size:(self.rank + 1) * size].clone().requires_grad_(True)
-            self.layouts.append((params, numels, padded, size))
+            dtype = torch.float32 if params[0].dtype != torch.float64 else torch.float64
+            layout = (params, numels, padded, size)
+            master = self.master_slice(layout, dtype, topo.device).requires_grad_(True)
+            self.layouts.append(layout)
             shard_groups.append({**g, "params": [master]})
         self.inner = torch.optim.AdamW(shard_groups, betas=betas, eps=eps)
         self.param_groups = self.inner.param_groups
+
+    @torch.no_grad()
+    def master_slice(self, layout, dtype: torch.dtype, device) -> torch.Tensor:
+        """This rank's slice of a group's parameters, flattened and padded, in master precision."""
+        params, _numels, padded, size = layout
+        flat = torch.zeros(padded, dtype=dtype, device=device)
+        local = torch.cat([_local(p).detach().reshape(-1).to(dtype) for p in params])
+        flat[:local.numel()] = local
+        return flat[self.rank * size:(self.rank + 1) * size].clone()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for layout, g in zip(self.layouts, self.param_groups):

@@ -29,7 +29,7 @@ DEFAULT_TIMEOUT_S = 240
 
 
 class RankFailure(AssertionError):
-    pass
+    """A rank raised, timed out or exited badly; the message holds every failing rank's traceback."""
 
 
 def free_port() -> int:

@@ -23,7 +23,7 @@ STEP_DIR = re.compile(r"^step-(\d{6,})$")
 
 
 class CheckpointNotFound(FileNotFoundError):
-    pass
+    """No checkpoint where the recipe or caller said one would be."""
 
 
 @dataclass
