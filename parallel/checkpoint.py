@@ -175,14 +175,16 @@ def _writes_replica(p: torch.Tensor) -> bool:
 
 
 def _zero_blocks(opt: ShardedAdamW, layout) -> list[tuple[torch.Tensor, list]]:
-    """Per parameter of a ZeRO group: ``[(global offsets, sizes, start in this rank's shard)]``."""
-    params, numels, _, size = layout
-    start, offset, out = opt.rank * size, 0, []
+    """Per parameter of a ZeRO group: ``[(global offsets, sizes, start in this rank's shard)]``.
+    ZeRO-1 owns one contiguous range of the group's flat parameters, ZeRO-2 one per bucket."""
+    params, numels = layout[0], layout[1]
+    ranges, offset, out = opt.owned_ranges(layout), 0, []
     for p, n in zip(params, numels):
-        lo, hi = max(offset, start), min(offset + n, start + size)
-        shift = _shard_offset(p)
-        blocks = [(tuple(a + b for a, b in zip(o, shift)), s, offset + f - start)
-                  for o, s, f in flat_range_blocks(_local(p).shape, lo - offset, hi - offset)]
+        shift, blocks = _shard_offset(p), []
+        for start, stop, at in ranges:
+            lo, hi = max(offset, start), min(offset + n, stop)
+            blocks += [(tuple(a + b for a, b in zip(o, shift)), s, at + offset + f - start)
+                       for o, s, f in flat_range_blocks(_local(p).shape, lo - offset, hi - offset)]
         out.append((p, blocks))
         offset += n
     return out

@@ -160,17 +160,25 @@ class ShardedAdamW:
                 shard_groups.append({**g, "params": params})
                 self.layouts.append(None)
                 continue
-            numels = [_local(p).numel() for p in params]
-            total = sum(numels)
-            padded = math.ceil(total / self.world) * self.world
-            size = padded // self.world
             dtype = torch.float32 if params[0].dtype != torch.float64 else torch.float64
-            layout = (params, numels, padded, size)
+            layout = self.make_layout(params, [_local(p).numel() for p in params])
             master = self.master_slice(layout, dtype, topo.device).requires_grad_(True)
             self.layouts.append(layout)
             shard_groups.append({**g, "params": [master]})
         self.inner = torch.optim.AdamW(shard_groups, betas=betas, eps=eps)
         self.param_groups = self.inner.param_groups
+
+    def make_layout(self, params: list, numels: list[int]) -> tuple:
+        """``(params, numels, padded total, slice size)``: the group's flattened TP-local
+        parameters, padded to a multiple of the ranks; rank r holds ``[r * size, (r + 1) * size)``."""
+        padded = math.ceil(sum(numels) / self.world) * self.world
+        return (params, numels, padded, padded // self.world)
+
+    def owned_ranges(self, layout) -> list[tuple[int, int, int]]:
+        """This rank's ranges of a group's flattened parameters as ``(start, stop, position in
+        its master slice)`` (checkpoints map them to parameter blocks)."""
+        size = layout[3]
+        return [(self.rank * size, self.rank * size + size, 0)]
 
     @torch.no_grad()
     def master_slice(self, layout, dtype: torch.dtype, device) -> torch.Tensor:
@@ -194,14 +202,7 @@ class ShardedAdamW:
         total = torch.zeros((), dtype=torch.float64, device=self.topo.device)
         for layout, g in zip(self.layouts, self.param_groups):
             if layout is None:
-                for p in g["params"]:
-                    if p.grad is None:  # every rank must send the same buffers
-                        p.grad = torch.zeros_like(p)
-                grads = [p.grad for p in g["params"]]
-                if self.vision_group is not None:
-                    _all_reduce_coalesced(grads, self.vision_group)
-                if self.topo.dp_rank == 0 and self.topo.cp_rank == 0 and self.topo.tp_rank == 0:
-                    total += sum((gr.double().pow(2).sum() for gr in grads), torch.zeros((), dtype=torch.float64))
+                total += self.reduce_replicated(g["params"])
                 continue
             params, numels, padded, size = layout
             master = g["params"][0]
@@ -223,6 +224,20 @@ class ShardedAdamW:
         if self.topo.distributed:
             dist.all_reduce(total)
         return total.sqrt()
+
+    def reduce_replicated(self, params: list) -> torch.Tensor:
+        """All-reduce the gradients of an unsharded (vision) group over its replicas; returns
+        their squared norm where this rank counts them (once over all ranks)."""
+        for p in params:
+            if p.grad is None:  # every rank must send the same buffers
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in params]
+        if self.vision_group is not None:
+            _all_reduce_coalesced(grads, self.vision_group)
+        out = torch.zeros((), dtype=torch.float64, device=self.topo.device)
+        if self.topo.dp_rank == 0 and self.topo.cp_rank == 0 and self.topo.tp_rank == 0:
+            out += sum((gr.double().pow(2).sum() for gr in grads), torch.zeros((), dtype=torch.float64))
+        return out
 
     def _shard_norm_sq(self, params, numels, shard, size) -> torch.Tensor:
         start = self.rank * size

@@ -24,6 +24,7 @@ from keyetron.parallel.pipeline import Pipeline, fixed_local_tokens, wrap_for_lo
 from keyetron.parallel.tensor_parallel import apply_tensor_parallel, reduce_tp_partial_grads, vocab_parallel_loss
 from keyetron.parallel.topology import Topology
 from keyetron.parallel.vision import encode_vision_shared
+from keyetron.parallel.zero2 import ZeRO2AdamW
 from keyetron.train.recipe import OptimSection
 from keyetron.train.trainer import optimizer_param_groups
 
@@ -86,7 +87,7 @@ def embed_row(model: KeyeVLModel, row: PackedBatch, topo: Topology, context=None
         # With sequence parallelism every TP rank back-propagates only its own tokens' features.
         grad_group = topo.group("cp", "tp") if sp else topo.group("cp")
         visual = encode_vision_shared(model, row.pixel_values, row.vision_grid_thw, topo.group("cp", "tp"),
-                                      grad_group=grad_group)
+                                      grad_group=grad_group, owners=row.vision_owner)
     plan, local, attention = context or row_context(model, row, topo)
     vidx = plan.shard_tokens(visual_index(model, row), topo.cp_rank, pad_value=-1)
     hidden = model.llm.embed_tokens(local.input_ids)  # under sequence parallel: this TP rank's tokens
@@ -124,13 +125,14 @@ class PipelineOptions:
     layers: list[list[int]] | None = None  # decoder layers per stage; None: balanced with the ViT on stage 0
 
 
-SHARDINGS = ("zero1", "fsdp2", "none")  # LLM optimizer state (zero1), + weights and gradients (fsdp2), nothing
+# LLM optimizer state (zero1), + gradients (zero2), + weights (fsdp2), nothing
+SHARDINGS = ("zero1", "zero2", "fsdp2", "none")
 
 
 class ParallelEngine:
     def __init__(self, model: KeyeVLModel, topo: Topology, optim: OptimSection, *, sharding: str = "zero1",
                  zero1: bool = True, autocast_dtype: torch.dtype | None = None,
-                 pipeline: PipelineOptions | None = None):
+                 pipeline: PipelineOptions | None = None, bucket_numel: int | None = None):
         # -- sharding (FSDP2 applied here, before the optimizer sees the parameters) --------
         if sharding == "zero1" and not zero1:  # zero1=False: the older spelling of sharding="none"
             sharding = "none"
@@ -159,6 +161,8 @@ class ParallelEngine:
         groups = optimizer_param_groups(model, optim)
         if sharding == "zero1":
             self.optimizer = ShardedAdamW(groups, topo, betas=optim.betas, eps=optim.eps)
+        elif sharding == "zero2":  # bucket_numel: elements per gradient bucket (None: the default)
+            self.optimizer = ZeRO2AdamW(groups, topo, betas=optim.betas, eps=optim.eps, bucket_numel=bucket_numel)
         elif sharding == "fsdp2":
             self.optimizer = FSDPAdamW(model, groups, topo, optim.betas, optim.eps)
         else:

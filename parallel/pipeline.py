@@ -173,6 +173,7 @@ class Pipeline:
                                              output_args=(example,),
                                              input_grads=(None,) if s == 0 else (example,),
                                              output_grads=(example,), group=topo.group("pp")))
+        self.pipe_stages = pipe_stages  # torch's stage objects (keyetron bench layouts times their chunks)
         self.local_tokens = local_tokens
         self.n_microbatches = n_microbatches
         if schedule == "interleaved":

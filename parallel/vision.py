@@ -13,6 +13,10 @@ ranks that used different tokens and each rank keeps the slice of the items it e
 Tensor-parallel ranks of one context slice hold identical full gradients for their
 (replicated) input, so they are not summed again: the sum runs over ``grad_group``,
 the context-parallel group.
+
+Under topology-aware loading (``keyetron.parallel.loading``) the rank that decoded a
+document's media already holds its pixels and nobody else does, so the row says who
+encodes what (``owners``) instead of this module choosing by cost.
 """
 from __future__ import annotations
 
@@ -59,14 +63,31 @@ class _GatherFeatures(torch.autograd.Function):
         return grad[start:start + ctx.sizes[ctx.rank]], None, None, None, None
 
 
-def encode_vision_shared(model: KeyeVLModel, pixel_values: torch.Tensor, grid_thw: torch.Tensor, group,
-                         grad_group) -> torch.Tensor:
-    """Merged visual features of every item (in item order), each item encoded on one rank of ``group``."""
+def _feature_dtype(model: KeyeVLModel, device: torch.device) -> torch.dtype:
+    """The dtype the projector's output has here (an empty block must match the others)."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return next(model.projector.parameters()).dtype
+
+
+def encode_vision_shared(model: KeyeVLModel, pixel_values: torch.Tensor | None, grid_thw: torch.Tensor, group,
+                         grad_group, owners: torch.Tensor | None = None) -> torch.Tensor:
+    """Merged visual features of every item (in item order), each item encoded on one rank of ``group``.
+
+    ``owners`` (items,): the group rank holding each item's pixels; ``pixel_values`` then
+    holds only this rank's items, in item order. Without it every rank holds all pixels and
+    the items are shared out by cost (``assign_items``).
+    """
     if group is None or dist.get_world_size(group) == 1:
         return model.encode_vision(pixel_values, grid_thw)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     patches = grid_thw.prod(dim=1).tolist()
-    owned = assign_items(patches, world)
+    if owners is None:
+        owned = assign_items(patches, world)
+    else:
+        owned = [[] for _ in range(world)]
+        for i, r in enumerate(owners.tolist()):
+            owned[r].append(i)
     starts = [0]
     for p in patches:
         starts.append(starts[-1] + p)
@@ -75,10 +96,17 @@ def encode_vision_shared(model: KeyeVLModel, pixel_values: torch.Tensor, grid_th
     sizes = [sum(patches[i] for i in owned[r]) // merge for r in range(world)]
     mine = owned[rank]
     if mine:
-        local_pixels = torch.cat([pixel_values[starts[i]:starts[i + 1]] for i in mine])
+        if owners is None:
+            local_pixels = torch.cat([pixel_values[starts[i]:starts[i + 1]] for i in mine])
+        else:
+            local_pixels = pixel_values
+            assert local_pixels is not None and local_pixels.shape[0] == sum(patches[i] for i in mine), (
+                "this rank owns items without holding their pixels")
         local = model.encode_vision(local_pixels, grid_thw[mine])
     else:  # fewer items than ranks: still join the collective, with an empty block
-        local = pixel_values.new_zeros((0, model.cfg.text.hidden_size))
+        # requires_grad: the backward must run here too, or the others wait in its all-reduce.
+        local = torch.zeros((0, model.cfg.text.hidden_size), dtype=_feature_dtype(model, grid_thw.device),
+                            device=grid_thw.device, requires_grad=torch.is_grad_enabled())
     gathered = _GatherFeatures.apply(local, sizes, rank, group, grad_group)
     # back to item order
     token_starts, offset = {}, 0

@@ -29,6 +29,10 @@ class Document:
     pixel_values: torch.Tensor | None = None  # (patches, C, p, p)
     vision_grid_thw: torch.Tensor | None = None  # (items, 3) long, in patches
     sample_id: str = ""
+    # Topology-aware loading: the rank of the stage-0 TP x CP group that decoded this
+    # document's media and will encode them; ``pixel_values`` is None on the other ranks.
+    # None: the pixels are here (one process, or every rank decodes).
+    vision_owner: int | None = None
 
     def __post_init__(self):
         n = self.input_ids.numel()
@@ -39,7 +43,8 @@ class Document:
             problems.append(f"targets shape {tuple(self.targets.shape)} != ({n},)")
         if tuple(self.position_ids.shape) != (3, n):
             problems.append(f"position_ids shape {tuple(self.position_ids.shape)} != (3, {n})")
-        if (self.pixel_values is None) != (self.vision_grid_thw is None):
+        remote = self.vision_owner is not None and self.pixel_values is None
+        if (self.pixel_values is None) != (self.vision_grid_thw is None) and not remote:
             problems.append("pixel_values and vision_grid_thw must be given together")
         elif self.pixel_values is not None and int(self.vision_grid_thw.prod(dim=1).sum()) != self.pixel_values.shape[0]:
             problems.append(f"grids {self.vision_grid_thw.tolist()} need {int(self.vision_grid_thw.prod(dim=1).sum())} "
@@ -49,7 +54,8 @@ class Document:
 
     @property
     def has_vision(self) -> bool:
-        return self.pixel_values is not None and self.pixel_values.shape[0] > 0
+        """Whether the document has visual items (their pixels may live on another rank)."""
+        return self.vision_grid_thw is not None and self.vision_grid_thw.shape[0] > 0
 
     @staticmethod
     def shift_targets(input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
@@ -75,6 +81,13 @@ class PackedBatch:
     pixel_values: torch.Tensor | None = None  # (patches, C, p, p), images/frames in token order
     vision_grid_thw: torch.Tensor | None = None  # (items, 3) long, in patches
     sample_ids: tuple[str, ...] = ()
+    # Topology-aware loading (keyetron.parallel.loading): per item, the rank of the stage-0
+    # TP x CP group that holds its pixels; ``pixel_values`` then holds only this rank's items
+    # (in item order). None: every item's pixels are here.
+    vision_owner: torch.Tensor | None = None  # (items,) long
+    # Rows that carry metadata only (later pipeline stages) say how many loss tokens the
+    # real row has; None: count ``targets``.
+    loss_token_count: int | None = None
 
     def __post_init__(self):
         T = self.input_ids.shape[0]
@@ -82,7 +95,9 @@ class PackedBatch:
         assert self.position_ids.shape == (3, T), (self.position_ids.shape, T)
         assert self.targets.shape == (T,), (self.targets.shape, T)
         assert int(self.cu_seqlens[-1]) == T and int(self.cu_seqlens[0]) == 0, (self.cu_seqlens, T)
-        if self.pixel_values is not None:
+        if self.vision_owner is not None:
+            assert self.vision_grid_thw is not None and self.vision_owner.shape == (self.vision_grid_thw.shape[0],)
+        elif self.pixel_values is not None:
             assert self.vision_grid_thw is not None
             assert int(self.vision_grid_thw.prod(dim=1).sum()) == self.pixel_values.shape[0], (
                 self.vision_grid_thw, self.pixel_values.shape)
@@ -93,6 +108,8 @@ class PackedBatch:
 
     @property
     def num_loss_tokens(self) -> int:
+        if self.loss_token_count is not None:
+            return self.loss_token_count
         return int((self.targets != IGNORE_INDEX).sum())
 
     @property
@@ -101,7 +118,14 @@ class PackedBatch:
 
     @property
     def has_vision(self) -> bool:
-        return self.pixel_values is not None and self.pixel_values.shape[0] > 0
+        """Whether the row has visual items (under topology-aware loading their pixels may
+        live on other ranks of the stage-0 group: see ``vision_owner``)."""
+        return self.vision_grid_thw is not None and self.vision_grid_thw.shape[0] > 0
+
+    def local_items(self, rank: int) -> list[int]:
+        """Indices of the visual items whose pixels ``rank`` of the stage-0 group holds."""
+        assert self.vision_owner is not None
+        return [i for i, r in enumerate(self.vision_owner.tolist()) if r == rank]
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> PackedBatch:
         """Move tensors to ``device``; ``dtype`` applies to pixel values only."""
@@ -121,12 +145,19 @@ class PackedBatch:
         cu = torch.zeros(len(docs) + 1, dtype=torch.int32)
         cu[1:] = lengths.cumsum(0)
         visual = [d for d in docs if d.has_vision]
+        local = [d.pixel_values for d in visual if d.pixel_values is not None]
+        owner = None
+        if any(d.vision_owner is not None for d in visual):
+            assert all(d.vision_owner is not None for d in visual), "mixed local and owned documents in one row"
+            owner = torch.cat([torch.full((d.vision_grid_thw.shape[0],), d.vision_owner, dtype=torch.long)
+                               for d in visual])
         return PackedBatch(
             input_ids=torch.cat([d.input_ids for d in docs]),
             position_ids=torch.cat([d.position_ids for d in docs], dim=1),
             cu_seqlens=cu,
             targets=torch.cat([d.targets for d in docs]),
-            pixel_values=torch.cat([d.pixel_values for d in visual]) if visual else None,
+            pixel_values=torch.cat(local) if local else None,
             vision_grid_thw=torch.cat([d.vision_grid_thw for d in visual]) if visual else None,
             sample_ids=tuple(d.sample_id for d in docs),
+            vision_owner=owner,
         )

@@ -110,6 +110,7 @@ class SampleCost:
     sample_id: str
     llm_tokens: int  # upper bound for videos (frame types unknown before decoding)
     vit_patches: tuple[int, ...] = field(default=())  # 14x14 patches per image / per video frame
+    kind: str = "text"  # video (has a video) | image (has images) | text: the data mixture's categories
 
 
 def _pixels(rgb, hw: tuple[int, int]) -> torch.Tensor:
@@ -202,7 +203,9 @@ class DocumentBuilder:
             per_frame = math.ceil(tokens / n)
             patches += [per_frame * self.model.projector.merge_size ** 2] * n
         ids, _ = render_sample(sample, self.tok, entries)
-        return SampleCost(sample.sample_id, len(ids) + frame_overhead, tuple(patches))
+        kinds = {part.kind for part in sample.media}
+        kind = "video" if "video" in kinds else "image" if kinds else "text"
+        return SampleCost(sample.sample_id, len(ids) + frame_overhead, tuple(patches), kind)
 
 
 def sample_id_of(raw, fallback: str) -> str:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -40,11 +40,40 @@ class LoaderConfig:
     oversize: str = "split_text"  # split_text | skip | error (see keyetron.data.packing)
     shuffle: bool = True
     seed: int = 0
+    # Cost-balanced steps (keyetron.parallel.balanced_loading): each step's samples are dealt to
+    # the data-parallel ranks and rows by predicted ViT + LLM cost instead of streamed in order.
+    balance: bool = False
+    samples_per_step: int | None = None  # global samples per step (None: as many as the rows hold)
+    step_fill: float = 0.9  # balanced steps take samples up to this fraction of all rows' tokens
+    cost_index: str | None = None  # per-record costs (built at start-up when missing); None: in output_dir
+    calibration: str | None = None  # cost-model calibration file; None: FLOP-derived from the model config
+    # Token-level data mixture of balanced steps: target share of the tokens of video, image and
+    # text(-only) samples, e.g. {video: 0.24, image: 0.50, text: 0.26}; None: the data as it comes.
+    mixture: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
         OversizePolicy.parse(self.oversize)
         if self.row_tokens <= 0 or self.buffer_docs <= 0:
             raise ValueError(f"row_tokens and buffer_docs must be positive, got {self.row_tokens}, {self.buffer_docs}")
+        if not 0 < self.step_fill <= 1:
+            raise ValueError(f"step_fill must be in (0, 1], got {self.step_fill}")
+        if self.mixture is not None:
+            bad = sorted(set(self.mixture) - {"video", "image", "text"})
+            if bad or not self.mixture or any(v < 0 for v in self.mixture.values()) or \
+                    abs(sum(self.mixture.values()) - 1) > 1e-6:
+                raise ValueError(f"mixture {self.mixture}: shares of video / image / text, each >= 0, summing to 1")
+            if not self.balance:
+                raise ValueError("mixture needs balance: true (it draws by the cost index's token counts)")
+        if self.samples_per_step is not None and self.samples_per_step <= 0:
+            raise ValueError(f"samples_per_step must be positive, got {self.samples_per_step}")
+
+
+def epoch_order(indices: Sequence[int], cfg: LoaderConfig, epoch: int) -> list[int]:
+    """The records of one epoch in visiting order (seeded by ``cfg.seed`` and the epoch)."""
+    if not cfg.shuffle:
+        return list(indices)
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+    return [indices[i] for i in torch.randperm(len(indices), generator=gen).tolist()]
 
 
 def _original_id(sample_id: str) -> str:
@@ -57,8 +86,15 @@ class PackedLoader:
     as data-parallel reader ``dp_rank`` of ``dp_size`` (see the module docstring)."""
 
     def __init__(self, dataset: SampleDataset, cfg: LoaderConfig, indices: Sequence[int] | None = None,
-                 pad_token_id: int = DEFAULT_PAD_TOKEN_ID, dp_rank: int = 0, dp_size: int = 1):
+                 pad_token_id: int = DEFAULT_PAD_TOKEN_ID, dp_rank: int = 0, dp_size: int = 1,
+                 documents: Callable[[list[int]], list[Document | None]] | None = None, fetch_size: int = 1):
+        """``documents``: builds the documents of several record indices at once (None for a
+        skip); the default builds them here, one by one. Topology-aware loading passes one
+        that shares the work out over a rank group (``keyetron.parallel.loading``).
+        ``fetch_size``: records fetched per call (the rows are the same for any value)."""
         self.dataset = dataset
+        self._fetch = documents or (lambda indices: [dataset.document(i) for i in indices])
+        self.fetch_size = max(1, fetch_size)
         self.cfg = cfg
         self.indices = list(range(len(dataset))) if indices is None else list(indices)
         if not self.indices:
@@ -84,10 +120,7 @@ class PackedLoader:
                          policy=self.cfg.oversize, pad_token_id=self.pad_token_id)
 
     def epoch_order(self, epoch: int) -> list[int]:
-        if not self.cfg.shuffle:
-            return list(self.indices)
-        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
-        return [self.indices[i] for i in torch.randperm(len(self.indices), generator=gen).tolist()]
+        return epoch_order(self.indices, self.cfg, epoch)
 
     def _record_at(self, position: int) -> int:
         epoch, offset = divmod(position, len(self.indices))
@@ -97,6 +130,10 @@ class PackedLoader:
 
     def __iter__(self) -> Iterator[PackedBatch]:
         return self
+
+    def next_rows(self, n: int) -> list[PackedBatch]:
+        """The ``n`` rows (micro-batches) of one optimizer step."""
+        return [next(self) for _ in range(n)]
 
     def __next__(self) -> PackedBatch:
         while not self._pending:
@@ -123,12 +160,19 @@ class PackedLoader:
                                        f"see the skip log:\n{self.dataset.skips.summary()}")
             self.epoch, self.documents_built, self._flushed = self.epoch + 1, 0, False
             return
-        if self.queue:
-            self.queue.popleft()
-        else:
-            self.cursor += self.stride
-        index = self._record_at(position)
-        doc = self.dataset.document(index)
+        positions = []
+        while len(positions) < self.fetch_size and position // len(self.indices) <= self.epoch:
+            positions.append(position)
+            if self.queue:
+                self.queue.popleft()
+            else:
+                self.cursor += self.stride
+            position = self.queue[0] if self.queue else self.cursor
+        indices = [self._record_at(p) for p in positions]
+        for index, doc in zip(indices, self._fetch(indices)):
+            self._admit(index, doc)
+
+    def _admit(self, index: int, doc: Document | None) -> None:
         if doc is None:
             return
         if doc.sample_id in self._record_of or doc.sample_id == PADDING_SAMPLE_ID:
@@ -157,8 +201,8 @@ class PackedLoader:
                 "pending": [ids(r.sample_ids) for r in self._pending],
                 "skips": self.dataset.skips.state_dict()}
 
-    def _refetch(self, index: int, want: str) -> Document:
-        doc = self.dataset.document(index)
+    def _refetch(self, index: int, want: str, built: dict[int, Document | None]) -> Document:
+        doc = built[index]
         if doc is None or _original_id(want) != doc.sample_id:
             raise RuntimeError(f"resume: record {index} no longer gives sample {want!r} (got "
                                f"{None if doc is None else doc.sample_id!r}); the data changed since the checkpoint")
@@ -183,10 +227,13 @@ class PackedLoader:
         self._record_of = {}
         self._packer = self._new_packer()
         buffered = state["packer"]["buffered"]
-        docs = [self._refetch(i, sid) for sid, i in zip(buffered, state["buffer_records"])]
+        wanted = list(dict.fromkeys([*state["buffer_records"], *(i for row in state["pending"] for _, i in row)]))
+        built = dict(zip(wanted, self._fetch(wanted)))  # one fetch: collective under topology-aware loading
+        docs = [self._refetch(i, sid, built) for sid, i in zip(buffered, state["buffer_records"])]
         self._packer.load_state_dict(state["packer"], docs)
         self._pending = deque(
-            build_row([self._refetch(i, sid) for sid, i in row], self.cfg.row_tokens, True, self.pad_token_id)
+            build_row([self._refetch(i, sid, built) for sid, i in row], self.cfg.row_tokens, True,
+                      self.pad_token_id)
             for row in state["pending"])
         self.dataset.skips.load_state_dict(state["skips"])
 
@@ -242,4 +289,4 @@ def reshard_loader_states(states: dict[int, dict], new_dp: int) -> dict[int, dic
     return new
 
 
-__all__ = ["LoaderConfig", "PackedLoader", "reshard_loader_states"]
+__all__ = ["LoaderConfig", "PackedLoader", "epoch_order", "reshard_loader_states"]

@@ -48,7 +48,9 @@ def list_checkpoints(root: str | Path) -> list[Path]:
 
 def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler, loader_state: dict, extra: dict | None = None, recipe_text: str = "",
-                    keep: int = 2) -> Path:
+                    keep: int = 2, tensor_files: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+    """``tensor_files``: more safetensors files written beside the model (file name -> tensors), e.g.
+    stage 0's text tower and pooling head, which are not Keye-VL parameters."""
     root = Path(root)
     final = step_dir(root, step)
     tmp = final.with_name(final.name + ".tmp")
@@ -56,6 +58,9 @@ def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimiz
     tmp.mkdir(parents=True)
     tensors = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}  # tied weights: own copies
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"step": str(step)})
+    for name, more in (tensor_files or {}).items():
+        save_file({k: v.detach().cpu().contiguous() for k, v in more.items()}, str(tmp / name),
+                  metadata={"step": str(step)})
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
     state = {"step": step, "loader": loader_state, "rng": torch.get_rng_state().tolist(), "extra": extra or {}}
     (tmp / "state.json").write_text(json.dumps(state))

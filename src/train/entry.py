@@ -28,13 +28,26 @@ def _print_summary(summary: dict) -> None:
                      indent=2, default=str))
 
 
-def run(recipe: Recipe) -> int:
-    """Train ``recipe``; returns the process exit code (multi-process runs never return)."""
+def trainer_class(recipe: Recipe) -> type:
+    """The LM trainer, or stage 0's contrastive one (``train.objective: siglip``)."""
+    if recipe.train.objective == "siglip":
+        from keyetron.train.stage0 import ContrastiveTrainer
+
+        return ContrastiveTrainer
     from keyetron.train.trainer import Trainer
 
+    return Trainer
+
+
+def run(recipe: Recipe) -> int:
+    """Train ``recipe``; returns the process exit code (multi-process runs never return)."""
+    from keyetron.train.preempt import EXIT_PREEMPTED
+
+    Trainer = trainer_class(recipe)
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        _print_summary(Trainer(recipe).fit())
-        return 0
+        summary = Trainer(recipe).fit()
+        _print_summary(summary)
+        return EXIT_PREEMPTED if "preempted" in summary else 0
     import torch.distributed as dist
 
     from keyetron.backend.device import default_device, distributed_backend, set_current_device
@@ -48,6 +61,7 @@ def run(recipe: Recipe) -> int:
         par = recipe.parallel
         topo = Topology.from_process_group(ParallelDims(par.pp, par.dp, par.cp, par.tp), device)
         summary = Trainer(recipe, device, topo).fit()
+        code = EXIT_PREEMPTED if "preempted" in summary else 0
         if topo.rank == 0:
             _print_summary(summary)
             sys.stdout.flush()
@@ -62,4 +76,4 @@ def run(recipe: Recipe) -> int:
         os._exit(code)
 
 
-__all__ = ["layout_overrides", "run"]
+__all__ = ["layout_overrides", "run", "trainer_class"]

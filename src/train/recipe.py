@@ -18,12 +18,15 @@ from keyetron.data.loader import LoaderConfig
 from keyetron.train.schedule import ScheduleConfig, lr_lambda
 
 MODULES = ("vit", "projector", "llm")
+OBJECTIVES = ("lm", "siglip")
+CONTRASTIVE_PARTS = ("vit", "pool_head", "text_tower", "logit")  # logit: logit_scale and logit_bias
 
 
 @dataclass
 class ModelSection:
     config: str = "small"  # a named model config (keye-8b, small, tiny) or a YAML path
-    init: str | None = None  # a Hugging Face checkpoint folder to start from; None: random init
+    init: str | None = None  # weights to start from: a Hugging Face folder, a keyetron checkpoint or merge output
+    rope_theta: float | None = None  # the LLM's RoPE base (context extension: 1e6 -> 8e6); None: the config's
     attention: str = "auto"  # attention kernel (keyetron.backend.attention)
     activation_checkpointing: list[str] = field(default_factory=list)  # modules to recompute: vit, llm
 
@@ -34,6 +37,11 @@ class DataSection:
     eval: str | None = None  # held-out .jsonl whose samples end with the answer (meta.answer)
     media: MediaConfig = field(default_factory=MediaConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
+    # Decode offload (keyetron io-server): "host:port" of servers that decode images and videos
+    # for the training ranks; a dead server's work falls back to local decoding. Empty: decode here.
+    decode_servers: list[str] = field(default_factory=list)
+    decode_secret_file: str | None = None  # the servers' shared secret; None: $KEYETRON_IO_SECRET
+    decode_timeout_s: float = 60.0
 
 
 @dataclass
@@ -60,12 +68,40 @@ class TrainSection:
     seed: int = 0
     precision: str = "auto"  # auto (bf16 autocast where the device supports it) | bf16 | fp32
     freeze: list[str] = field(default_factory=list)  # parameter-name prefixes: vit, projector, llm.embed_tokens, ...
+    # lm: next-token loss of the whole model (stages 1-3); siglip: stage 0, the ViT against a SigLIP
+    # text tower with the sigmoid contrastive loss (the `contrastive` section; keyetron.train.stage0)
+    objective: str = "lm"
 
     def __post_init__(self) -> None:
         if self.steps <= 0 or self.grad_accum <= 0:
             raise ValueError(f"steps and grad_accum must be positive, got {self.steps}, {self.grad_accum}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision {self.precision!r} is not one of ['auto', 'bf16', 'fp32']")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective {self.objective!r} is not one of {list(OBJECTIVES)}")
+
+
+@dataclass
+class ContrastiveSection:
+    """Stage 0 (``train.objective: siglip``): the ViT's SigLIP partner and the pair batches."""
+
+    text_tower: str = "keye-8b"  # a SigLIP text config (keye-8b, siglip2-so400m, small, tiny) or a YAML path
+    # A SiglipModel folder: text tower, logit scale and bias (and the pooling head when it has one)
+    siglip_checkpoint: str | None = None
+    load_vit: bool = False  # also load the ViT from siglip_checkpoint's vision_model.* (after model.init)
+    freeze_text_tower: bool = False
+    batch_size: int = 32  # image-caption pairs per step per data-parallel rank (negatives: every rank's)
+    tokenizer: str | None = None  # caption tokenizer folder; None: siglip_checkpoint's, else the Qwen3 one
+    lr_scale: dict[str, float] = field(default_factory=dict)  # optim.lr multiplier per part (CONTRASTIVE_PARTS)
+
+    def __post_init__(self) -> None:
+        if self.batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        bad = sorted(set(self.lr_scale) - set(CONTRASTIVE_PARTS))
+        if bad:
+            raise ValueError(f"lr_scale: unknown part(s) {bad}; use {list(CONTRASTIVE_PARTS)}")
+        if self.load_vit and not self.siglip_checkpoint:
+            raise ValueError("load_vit: true needs siglip_checkpoint (the folder to load the ViT from)")
 
 
 @dataclass
@@ -73,6 +109,16 @@ class CheckpointSection:
     every: int = 0  # optimizer steps between checkpoints; 0: only at the end
     keep: int = 2  # newest checkpoints kept
     resume: str = "auto"  # auto (latest in the run's checkpoint folder, if any) | none | a checkpoint path
+    # The next stage of a longer training (e.g. 128K annealing after 8K pre-training): when this
+    # run has no checkpoint of its own yet, continue from ``start_from`` (any layout, any row
+    # length), carrying over what ``start_reset`` does not name.
+    start_from: str | None = None
+    start_reset: list[str] = field(default_factory=lambda: ["data", "schedule"])  # data | schedule | optimizer
+
+    def __post_init__(self) -> None:
+        bad = sorted(set(self.start_reset) - {"data", "schedule", "optimizer"})
+        if bad:
+            raise ValueError(f"checkpoint.start_reset: unknown {bad}; choose from data, schedule, optimizer")
 
 
 @dataclass
@@ -80,6 +126,7 @@ class LogSection:
     every: int = 10  # steps between log lines / TensorBoard points
     tensorboard: bool = True
     peak_tflops: float | None = None  # per-device peak for MFU; None: from the device table (unknown on CPU)
+    sample_ids: bool = False  # write each step's sample ids per data-parallel rank (sample_ids.dp<r>.jsonl)
 
 
 @dataclass
@@ -98,7 +145,8 @@ class ParallelSection:
     pp: int = 1
     cp: int = 1
     dp: int = 0  # 0: the world size divided by pp * cp * tp
-    sharding: str = "zero1"  # zero1 (optimizer state + fp32 masters over dp x cp) | fsdp2 (weights too) | none
+    # zero1 (optimizer state + fp32 masters over dp x cp) | zero2 (gradients too) | fsdp2 (weights too) | none
+    sharding: str = "zero1"
     sequence_parallel: bool = True  # with tp > 1
     schedule: str = "1f1b"  # pipeline schedule: gpipe | 1f1b | interleaved
     virtual_stages: int = 1  # pipeline stages per rank (interleaved)
@@ -106,8 +154,8 @@ class ParallelSection:
     def __post_init__(self) -> None:
         if min(self.tp, self.pp, self.cp, self.virtual_stages) < 1 or self.dp < 0:
             raise ValueError(f"tp, pp, cp, virtual_stages must be >= 1 and dp >= 0, got {self}")
-        if self.sharding not in ("zero1", "fsdp2", "none"):
-            raise ValueError(f"sharding {self.sharding!r} is not one of ['zero1', 'fsdp2', 'none']")
+        if self.sharding not in ("zero1", "zero2", "fsdp2", "none"):
+            raise ValueError(f"sharding {self.sharding!r} is not one of ['zero1', 'zero2', 'fsdp2', 'none']")
         if self.schedule not in ("gpipe", "1f1b", "interleaved"):
             raise ValueError(f"schedule {self.schedule!r} is not one of ['gpipe', '1f1b', 'interleaved']")
 
@@ -125,14 +173,34 @@ class Recipe:
     log: LogSection = field(default_factory=LogSection)
     eval: EvalSection = field(default_factory=EvalSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
+    contrastive: ContrastiveSection = field(default_factory=ContrastiveSection)
 
     def __post_init__(self) -> None:
         if not self.data.sources:
             raise ValueError("data.sources is empty: list at least one .jsonl manifest or .tar shard")
+        if self.train.objective == "siglip":
+            self._check_siglip()
         lr_lambda(self.schedule, self.train.steps)  # step budgets that cannot work fail here, naming the file
         bad = sorted(set(self.model.activation_checkpointing) - {"vit", "llm"})
         if bad:
             raise ValueError(f"model.activation_checkpointing: unknown module(s) {bad}; use vit and/or llm")
+
+    def _check_siglip(self) -> None:
+        """Stage 0 runs data parallel only, one batch per step, with its own lr scales."""
+        for dim in ("tp", "pp", "cp"):
+            if getattr(self.parallel, dim) != 1:
+                raise ValueError(f"parallel.{dim}={getattr(self.parallel, dim)}: stage 0 (train.objective: siglip) "
+                                 f"is data parallel only; set parallel.{dim}: 1 (the ViT and text tower fit on a device)")
+        if self.train.grad_accum != 1:
+            raise ValueError(f"train.grad_accum={self.train.grad_accum}: the sigmoid loss of a batch is not a sum "
+                             "over micro-batches (every pair is a negative of every other); set train.grad_accum: 1 "
+                             "and size the step with contrastive.batch_size")
+        if self.optim.lr_scale:
+            raise ValueError(f"optim.lr_scale {self.optim.lr_scale}: stage 0 scales lr per objective part; use "
+                             f"contrastive.lr_scale with {list(CONTRASTIVE_PARTS)}")
+        if self.checkpoint.start_from:
+            raise ValueError("checkpoint.start_from: stage 0 starts from weights only; use model.init (and "
+                             "contrastive.siglip_checkpoint)")
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -172,5 +240,5 @@ def recipe_yaml(recipe: Recipe) -> str:
     return yaml.safe_dump(to_dict(recipe), sort_keys=False)
 
 
-__all__ = ["CheckpointSection", "DataSection", "EvalSection", "LogSection", "ModelSection", "OptimSection",
-           "ParallelSection", "Recipe", "TrainSection", "apply_override", "load_recipe", "recipe_yaml"]
+__all__ = ["CheckpointSection", "ContrastiveSection", "DataSection", "EvalSection", "LogSection", "ModelSection",
+           "OptimSection", "ParallelSection", "Recipe", "TrainSection", "apply_override", "load_recipe", "recipe_yaml"]

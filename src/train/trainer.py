@@ -21,16 +21,17 @@ from keyetron.data.batch import PackedBatch
 from keyetron.backend.device import autocast, default_device, device_name, supports_bf16, synchronize
 from keyetron.data.dataset import DocumentBuilder, SampleDataset
 from keyetron.data.loader import PackedLoader, reshard_loader_states
+from keyetron.data.packing import PADDING_SAMPLE_ID
 from keyetron.data.sources import ConcatSource, open_source
 from keyetron.data.tokenizer import KeyeTokenizer
 from keyetron.model import build_model, load_model_config
-from keyetron.model.hf_checkpoint import load_into
 from keyetron.model.keye import KeyeVLModel, set_activation_checkpointing, set_attention_kernel
-from keyetron.train.checkpoint import (is_distributed_checkpoint, load_checkpoint, mark_distributed_checkpoint,
-                                      resolve_checkpoint, save_checkpoint, step_dir)
+from keyetron.train.checkpoint import (CheckpointNotFound, is_distributed_checkpoint, load_checkpoint,
+                                      mark_distributed_checkpoint, resolve_checkpoint, save_checkpoint, step_dir)
 from keyetron.train.evaluate import EvalReport, evaluate
 from keyetron.train.flops import FlopCount, FlopCounter, peak_flops
 from keyetron.train.metrics import MetricSink, Progress, setup_logging
+from keyetron.train.preempt import Preemption
 from keyetron.train.recipe import MODULES, OptimSection, Recipe, recipe_yaml
 from keyetron.train.schedule import lr_lambda
 
@@ -49,6 +50,24 @@ def apply_freeze(model: torch.nn.Module, prefixes: list[str]) -> dict[str, bool]
         if any(name == x or name.startswith(x + ".") for x in prefixes):
             p.requires_grad_(False)
     return {m: any(p.requires_grad for p in getattr(model, m).parameters()) for m in MODULES}
+
+
+def init_from_checkpoint(model: torch.nn.Module, path: str) -> None:
+    """Weights only (``model.init``) from a Hugging Face folder, a keyetron checkpoint of any
+    layout, or a ``keyetron merge`` output; every parameter must be there with its shape."""
+    from keyetron.train.merge import Checkpoint
+
+    ck = Checkpoint(path)
+    want = model.state_dict()
+    missing = [n for n in want if n not in ck.entries]
+    wrong = [f"{n} {tuple(ck.entries[n][0])} != {tuple(t.shape)}" for n, t in want.items()
+             if n in ck.entries and tuple(ck.entries[n][0]) != tuple(t.shape)]
+    if missing or wrong:
+        raise ValueError(f"model.init {path} ({ck.format}) does not fit model config: missing {missing[:5]}"
+                         f"{' ...' if len(missing) > 5 else ''}, wrong shapes {wrong[:5]}; was it written for "
+                         f"another model config?")
+    model.load_state_dict(ck.read(list(want)))
+    log.info("initialised the model from %s (%s)", path, ck.format)
 
 
 def optimizer_param_groups(model: torch.nn.Module, opt: OptimSection) -> list[dict]:
@@ -118,9 +137,12 @@ class Trainer:
             raise ValueError(f"train.precision bf16 was asked for but {self.device} does not support it; use auto or fp32")
         self.autocast_dtype = torch.bfloat16 if want_bf16 else None
         self.cfg = load_model_config(recipe.model.config)
+        if recipe.model.rope_theta is not None:  # context extension raises the RoPE base (1e6 -> 8e6)
+            self.cfg = dataclasses.replace(self.cfg, text=dataclasses.replace(self.cfg.text,
+                                                                              rope_theta=recipe.model.rope_theta))
         self.model: KeyeVLModel = build_model(self.cfg, device=self.device, seed=recipe.train.seed)
         if recipe.model.init:
-            load_into(self.model, recipe.model.init)
+            init_from_checkpoint(self.model, recipe.model.init)
         set_attention_kernel(self.model, recipe.model.attention)
         set_activation_checkpointing(self.model, vit="vit" in recipe.model.activation_checkpointing,
                                      llm="llm" in recipe.model.activation_checkpointing)
@@ -134,12 +156,12 @@ class Trainer:
             self.optimizer = build_optimizer(self.model, recipe)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(recipe.schedule, recipe.train.steps))
         self.tokenizer = KeyeTokenizer(self.cfg.tokenizer)
-        builder = DocumentBuilder(self.cfg, self.tokenizer, recipe.data.media)
+        builder = DocumentBuilder(self.cfg, self.tokenizer, recipe.data.media, decoder=self._decoder())
         source = ConcatSource([open_source(s) for s in recipe.data.sources])
         self.dataset = SampleDataset(source, builder)
-        # The data-parallel ranks share one global order, each taking every dp-th position of it.
-        self.loader = PackedLoader(self.dataset, recipe.data.loader, pad_token_id=self.tokenizer.pad_id,
-                                   dp_rank=self.topo.dp_rank, dp_size=self.topo.dims.dp)
+        # The data-parallel ranks share one global order, each taking every dp-th position of it;
+        # under a parallel layout only pipeline stage 0 reads, each sample once (keyetron.parallel.loading).
+        self.loader = self._build_loader()
         self.eval_dataset = SampleDataset(open_source(recipe.data.eval), builder) if recipe.data.eval else None
         self.flops = FlopCounter(self.cfg, self.trainable)
         matmul_dtype = self.autocast_dtype or torch.float32
@@ -152,14 +174,46 @@ class Trainer:
         if resume is not None:
             self._resume(resume)
             log.info("resumed from %s at step %d", resume, self.step)
+        elif recipe.checkpoint.start_from:
+            self._start_from(Path(recipe.checkpoint.start_from), set(recipe.checkpoint.start_reset))
 
-    def _resume(self, path: Path) -> None:
+    def _decoder(self):
+        """The decode-server client of ``data.decode_servers`` (None: decode in this process)."""
+        data = self.recipe.data
+        if not data.decode_servers:
+            return None
+        from keyetron.io.client import RemoteDecoder
+        from keyetron.io.protocol import load_secret
+
+        log.info("decoding media on %s (local decoding when they are unreachable)", ", ".join(data.decode_servers))
+        return RemoteDecoder(data.decode_servers, load_secret(data.decode_secret_file), timeout=data.decode_timeout_s)
+
+    def _build_loader(self):
+        from keyetron.parallel.balance import CostModel
+        from keyetron.parallel.balanced_loading import BalancedRows, ensure_cost_index
+        from keyetron.parallel.loading import TopologyLoader
+
+        cfg, accum = self.recipe.data.loader, self.recipe.train.grad_accum
+        costs = cost_model = None
+        if cfg.balance:
+            costs = ensure_cost_index(self.dataset, cfg.cost_index or self.out / "cost_index.json", self.topo)
+            cost_model = (CostModel.load(cfg.calibration) if cfg.calibration
+                          else CostModel.from_flops(self.cfg, self.trainable))
+        if self.topo.distributed:
+            return TopologyLoader(self.dataset, cfg, self.tokenizer.pad_id, self.topo, costs=costs,
+                                  rows_per_step=accum, cost_model=cost_model)
+        if cfg.balance:
+            return BalancedRows(self.dataset, cfg, costs, accum, self.tokenizer.pad_id, model=cost_model)
+        return PackedLoader(self.dataset, cfg, pad_token_id=self.tokenizer.pad_id)
+
+    def _resume(self, path: Path, restore_loader: bool = True) -> None:
         from keyetron.parallel.checkpoint import load_distributed, load_into_single_process
 
         if not is_distributed_checkpoint(path):
             state = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
             self.step, self.history = state.step, state.extra.get("history", [])
-            self._restore_loader({0: state.loader}, path)
+            if restore_loader:
+                self._restore_loader({0: state.loader}, path)
             torch.set_rng_state(torch.tensor(state.rng, dtype=torch.uint8))
             return
         if self.engine is not None:
@@ -168,14 +222,42 @@ class Trainer:
             extra = load_into_single_process(path, self.model, self.optimizer)
         self.step, self.history = extra["step"], extra.get("history", [])
         self.scheduler.load_state_dict(extra["scheduler"])
-        self._restore_loader({int(dp): state for dp, state in extra["loaders"].items()}, path)
+        if restore_loader:
+            self._restore_loader({int(dp): state for dp, state in extra["loaders"].items()}, path)
+
+    def _start_from(self, path: Path, reset: set[str]) -> None:
+        """Continue an earlier stage's checkpoint (``checkpoint.start_from``) under this recipe's
+        layout, row length and RoPE base, keeping what ``reset`` does not name."""
+        if not path.exists():
+            raise CheckpointNotFound(f"checkpoint.start_from {path} does not exist; give the earlier stage's "
+                                     f"step-N checkpoint folder")
+        if "optimizer" in reset:
+            init_from_checkpoint(self.model, str(path))
+            extra = None
+        else:
+            step, history = self.step, self.history
+            self._resume(path, restore_loader="data" not in reset)
+            extra = self.step
+            if "schedule" in reset:
+                self.step, self.history = step, history
+                # the new stage's learning rates and schedule, from step 0, over the carried moments
+                fresh = optimizer_param_groups(self.model, self.recipe.optim)
+                for group, want in zip(self.optimizer.param_groups, fresh):
+                    group["lr"] = group["initial_lr"] = want["lr"]
+                    group["weight_decay"] = want["weight_decay"]
+                self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+                    self.optimizer, lr_lambda(self.recipe.schedule, self.recipe.train.steps))
+        log.info("started from %s (step %s of the earlier stage), reset: %s", path, extra, sorted(reset) or "nothing")
 
     def _restore_loader(self, loaders: dict[int, dict], path: Path) -> None:
         """This rank's data position from every data-parallel rank's loader state in the checkpoint."""
         if len(loaders) != self.topo.dims.dp:
+            from keyetron.parallel.balanced_loading import reshard_balanced_states
+
             log.info("checkpoint %s was written with %d data-parallel readers, this run has %d: the remaining "
                      "samples are dealt to the new readers", path, len(loaders), self.topo.dims.dp)
-            loaders = reshard_loader_states(loaders, self.topo.dims.dp)
+            balanced = loaders[0].get("kind") == "balanced"
+            loaders = (reshard_balanced_states if balanced else reshard_loader_states)(loaders, self.topo.dims.dp)
         self.loader.load_state_dict(loaders[self.topo.dp_rank])
 
     # -- one optimizer step ---------------------------------------------------------------
@@ -183,7 +265,8 @@ class Trainer:
         if self.engine is not None:
             return self._parallel_step()
         t0 = time.perf_counter()
-        rows = [next(self.loader) for _ in range(self.recipe.train.grad_accum)]
+        rows = self.loader.next_rows(self.recipe.train.grad_accum)
+        self._log_sample_ids(rows)
         loss_tokens = sum(r.num_loss_tokens for r in rows)
         self.optimizer.zero_grad(set_to_none=True)
         total_loss = accumulate_gradients(self.model, rows, self.device, self.autocast_dtype)
@@ -206,7 +289,8 @@ class Trainer:
         import torch.distributed as dist
 
         t0 = time.perf_counter()
-        rows = [next(self.loader) for _ in range(self.recipe.train.grad_accum)]
+        rows = self.loader.next_rows(self.recipe.train.grad_accum)
+        self._log_sample_ids(rows)
         stats = self.engine.step(rows)
         self.scheduler.step()
         flops = sum((self.flops.count_batch(row) for row in rows), FlopCount())
@@ -219,6 +303,16 @@ class Trainer:
         counted = FlopCount(*(int(v) for v in totals[:-1].tolist()))
         return StepResult(stats.loss, stats.loss_tokens, int(totals[-1]), counted, stats.grad_norm,
                           time.perf_counter() - t0)
+
+    def _log_sample_ids(self, rows: list[PackedBatch]) -> None:
+        """Data provenance (``log.sample_ids``): the samples of each step, per data-parallel rank."""
+        t = self.topo
+        if not self.recipe.log.sample_ids or t.pp_rank or t.cp_rank or t.tp_rank:
+            return
+        ids = [s for r in rows for s in r.sample_ids if s != PADDING_SAMPLE_ID]
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.out / f"sample_ids.dp{t.dp_rank}.jsonl", "a") as f:
+            f.write(json.dumps({"step": self.step + 1, "dp": t.dp_rank, "of": t.dims.dp, "ids": ids}) + "\n")
 
     # -- the run ----------------------------------------------------------------------------
     def save(self) -> Path:
@@ -237,7 +331,7 @@ class Trainer:
         states = [None] * self.topo.world_size
         dist.all_gather_object(states, (self.topo.dp_rank, self.loader.state_dict()))
         extra = {"step": self.step, "scheduler": self.scheduler.state_dict(), "history": self.history,
-                 "loaders": {str(dp): st for dp, st in states}, "layout": str(self.topo.dims)}
+                 "loaders": {str(dp): st for dp, st in states if st is not None}, "layout": str(self.topo.dims)}
         path = save_distributed(step_dir(self.recipe.checkpoint_dir, self.step), self.model, self.engine.optimizer,
                                 self.topo, extra)
         if self.is_main:
@@ -270,6 +364,8 @@ class Trainer:
         r = self.recipe
         if self.step == 0 and self.is_main:  # a fresh run does not append to an earlier run's metrics
             (self.out / "metrics.jsonl").unlink(missing_ok=True)
+        if self.step == 0:  # nor to its sample ids (each rank owns its file)
+            (self.out / f"sample_ids.dp{self.topo.dp_rank}.jsonl").unlink(missing_ok=True)
         sink = MetricSink(self.out, r.log.tensorboard and self.is_main, write=self.is_main)
         if self.is_main:
             (self.out / "recipe.yaml").write_text(recipe_yaml(r))
@@ -279,11 +375,13 @@ class Trainer:
         progress = Progress(r.train.steps, self.step)
         window: list[StepResult] = []
         report = None
+        preemption = Preemption().install()  # SIGUSR1 / SIGTERM: checkpoint, requeue, exit
         while self.step < r.train.steps:
             res = self.train_step()
             window.append(res)
             last = self.step == r.train.steps
-            if self.step % r.log.every == 0 or last:
+            stop = not last and preemption.should_stop()  # all ranks alike
+            if self.step % r.log.every == 0 or last or stop:
                 metrics = self._window_metrics(window)
                 self.history.append({"step": self.step, **metrics})
                 sink.write(self.step, metrics)
@@ -293,15 +391,17 @@ class Trainer:
                 log.info(line)
                 window = []
             progress.update(self.step, f"loss {res.loss:.3f}")
-            if r.checkpoint.every and self.step % r.checkpoint.every == 0 and not last:
+            if r.checkpoint.every and self.step % r.checkpoint.every == 0 and not (last or stop):
                 self.save()
-            if r.eval.every and self.step % r.eval.every == 0 and not last and self.engine is None:
+            if r.eval.every and self.step % r.eval.every == 0 and not (last or stop) and self.engine is None:
                 self.run_eval(sink)
+            if stop:
+                break
         progress.close()
         final = self.save()
-        report = self.run_eval(sink, final)
+        report = None if preemption.stopped else self.run_eval(sink, final)
         log.info(self.dataset.skips.summary())
-        summary = self._summary(report)
+        summary = self._summary(report) | preemption.finish(self.step, self.is_main)
         if self.is_main:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         sink.close()
@@ -324,6 +424,15 @@ class Trainer:
             "data/skipped": self.dataset.skips.total,
             "data/epoch": self.loader.epoch,
         }
+        report = getattr(self.loader, "last_report", None)
+        if report:  # the balancer's predicted imbalance of the window's last step
+            metrics["balance/vit_max_over_mean"] = report["vit"]["max_over_mean"]
+            metrics["balance/llm_max_over_mean"] = report["llm"]["max_over_mean"]
+            for kind, share in report.get("mix", {}).items():  # the step's token mixture (data.loader.mixture)
+                metrics[f"data/mix_{kind}"] = share
+            if "predicted_step_s" in report:  # calibrated cost model: its error against the measured step
+                metrics["balance/predicted_step_s"] = report["predicted_step_s"]
+                metrics["balance/prediction_error"] = report["predicted_step_s"] / window[-1].seconds - 1
         metrics["perf/tokens_per_s_per_device"] = metrics["perf/tokens_per_s"] / self.topo.world_size
         if self.peak:
             metrics["perf/mfu"] = flops.total / (seconds * self.topo.world_size * self.peak)

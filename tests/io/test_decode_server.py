@@ -307,3 +307,38 @@ def test_killing_a_server_mid_epoch_loses_and_duplicates_nothing(servers, media,
     assert failover.stats.local == 0 and failover.stats.remote == len(names)
     assert alone.stats.remote == 3 and alone.stats.local == len(names) - 3
     assert alone.stats.failures["connection"] >= 1
+
+
+# ---------------------------------------------------------------- the trainer's data.decode_servers
+
+def test_training_with_a_decode_server_decodes_there_and_learns_the_same(tmp_path):
+    from keyetron.data.demo import make_demo
+    from keyetron.train.recipe import load_recipe
+    from keyetron.train.trainer import Trainer
+
+    make_demo(tmp_path / "demo", seed=4, train_size=16, eval_size=2)
+    secret = tmp_path / "secret"
+    secret.write_text("trainer-offload-secret")
+
+    def run(name, servers):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(json.dumps({
+            "name": name, "output_dir": str(tmp_path / name), "model": {"config": "tiny"},
+            "data": {"sources": [str(tmp_path / "demo" / "train.jsonl")], "decode_servers": servers,
+                     "decode_secret_file": str(secret),
+                     "media": {"image_max_tokens": 16, "video_total_tokens": 96, "video_fps": 1.0},
+                     "loader": {"row_tokens": 256, "buffer_docs": 4}},
+            "optim": {"lr": 1e-3}, "train": {"steps": 2}, "checkpoint": {"resume": "none"},
+            "log": {"every": 1, "tensorboard": False}}))
+        trainer = Trainer(load_recipe(str(path)))
+        summary = trainer.fit()
+        return summary, trainer.dataset.builder.decoder
+
+    proc = _start(secret, workers=1, queue_size=4)
+    try:
+        remote_summary, decoder = run("remote", [_address(proc)])
+    finally:
+        _stop(proc)
+    local_summary, _ = run("local", [])
+    assert decoder.stats.remote > 0 and decoder.stats.local == 0
+    assert remote_summary["final_loss"] == local_summary["final_loss"]  # the same pixels, bit for bit

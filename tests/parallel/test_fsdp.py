@@ -87,7 +87,7 @@ def test_fsdp2_refuses_pipeline_stages_and_unknown_shardings():
     pp2 = Topology(ParallelDims(pp=2, dp=1), 0, "cpu")  # refused before any collective
     with pytest.raises(ValueError, match="FSDP2 with pipeline parallelism"):
         ParallelEngine(fresh_model(), pp2, OPTIM, sharding="fsdp2")
-    with pytest.raises(ValueError, match="sharding='zero2'"):
-        ParallelEngine(fresh_model(), Topology.single(), OPTIM, sharding="zero2")
+    with pytest.raises(ValueError, match="sharding='zero3'"):
+        ParallelEngine(fresh_model(), Topology.single(), OPTIM, sharding="zero3")
     with pytest.raises(ValueError, match="needs a distributed topology"):
         ParallelEngine(fresh_model(), Topology.single(), OPTIM, sharding="fsdp2")
