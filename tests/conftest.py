@@ -7,6 +7,15 @@ import torch
 torch.use_deterministic_algorithms(True, warn_only=True)
 os.environ.setdefault("KEYETRON_DEVICE", "cpu")
 
+# tqdm (progress bars of transformers' loaders) starts a monitor thread that outlives the test;
+# with another thread alive the multi-process launcher must spawn ranks instead of forking them.
+try:
+    import tqdm
+
+    tqdm.tqdm.monitor_interval = 0
+except ImportError:  # pragma: no cover - tqdm comes with transformers
+    pass
+
 
 @pytest.fixture
 def tiny_cfg():

@@ -91,7 +91,7 @@ class ContrastiveSection:
     load_vit: bool = False  # also load the ViT from siglip_checkpoint's vision_model.* (after model.init)
     freeze_text_tower: bool = False
     batch_size: int = 32  # image-caption pairs per step per data-parallel rank (negatives: every rank's)
-    tokenizer: str | None = None  # caption tokenizer folder; None: siglip_checkpoint's, else the Qwen3 one
+    tokenizer: str | None = None  # caption tokenizer folder; None: siglip_checkpoint's if it has one, else Qwen3
     lr_scale: dict[str, float] = field(default_factory=dict)  # optim.lr multiplier per part (CONTRASTIVE_PARTS)
 
     def __post_init__(self) -> None:
@@ -190,7 +190,8 @@ class Recipe:
         for dim in ("tp", "pp", "cp"):
             if getattr(self.parallel, dim) != 1:
                 raise ValueError(f"parallel.{dim}={getattr(self.parallel, dim)}: stage 0 (train.objective: siglip) "
-                                 f"is data parallel only; set parallel.{dim}: 1 (the ViT and text tower fit on a device)")
+                                 f"is data parallel only; set parallel.{dim}: 1 (the ViT and text tower fit on one "
+                                 "device)")
         if self.train.grad_accum != 1:
             raise ValueError(f"train.grad_accum={self.train.grad_accum}: the sigmoid loss of a batch is not a sum "
                              "over micro-batches (every pair is a negative of every other); set train.grad_accum: 1 "
