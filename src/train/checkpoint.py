@@ -10,6 +10,7 @@ The model can be exported in the Hugging Face layout with ``keyetron.model.hf_ch
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -119,6 +120,24 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
     return TrainState(state["step"], state["loader"], state["rng"], state["extra"])
 
 
-__all__ = ["CheckpointNotFound", "TrainState", "is_distributed_checkpoint", "list_checkpoints",
-           "mark_distributed_checkpoint", "step_dir", "load_checkpoint", "resolve_checkpoint",
+def init_from_checkpoint(model: torch.nn.Module, path: str) -> None:
+    """Weights only (``model.init``) from a Hugging Face folder, a keyetron checkpoint of any
+    layout, or a ``keyetron merge`` output; every parameter must be there with its shape."""
+    from keyetron.train.merge import Checkpoint
+
+    ck = Checkpoint(path)
+    want = model.state_dict()
+    missing = [n for n in want if n not in ck.entries]
+    wrong = [f"{n} {tuple(ck.entries[n][0])} != {tuple(t.shape)}" for n, t in want.items()
+             if n in ck.entries and tuple(ck.entries[n][0]) != tuple(t.shape)]
+    if missing or wrong:
+        raise ValueError(f"model.init {path} ({ck.format}) does not fit model config: missing {missing[:5]}"
+                         f"{' ...' if len(missing) > 5 else ''}, wrong shapes {wrong[:5]}; was it written for "
+                         f"another model config?")
+    model.load_state_dict(ck.read(list(want)))
+    logging.getLogger("keyetron.train").info("initialised the model from %s (%s)", path, ck.format)
+
+
+__all__ = ["CheckpointNotFound", "TrainState", "init_from_checkpoint", "is_distributed_checkpoint",
+           "list_checkpoints", "mark_distributed_checkpoint", "step_dir", "load_checkpoint", "resolve_checkpoint",
            "save_checkpoint"]

@@ -20,14 +20,15 @@ import torch
 from keyetron.data.batch import PackedBatch
 from keyetron.backend.device import autocast, default_device, device_name, supports_bf16, synchronize
 from keyetron.data.dataset import DocumentBuilder, SampleDataset
-from keyetron.data.loader import PackedLoader, reshard_loader_states
-from keyetron.data.packing import PADDING_SAMPLE_ID
+from keyetron.data.loader import reshard_loader_states
 from keyetron.data.sources import ConcatSource, open_source
 from keyetron.data.tokenizer import KeyeTokenizer
 from keyetron.model import build_model, load_model_config
 from keyetron.model.keye import KeyeVLModel, set_activation_checkpointing, set_attention_kernel
-from keyetron.train.checkpoint import (CheckpointNotFound, is_distributed_checkpoint, load_checkpoint,
-                                      mark_distributed_checkpoint, resolve_checkpoint, save_checkpoint, step_dir)
+from keyetron.train.checkpoint import (CheckpointNotFound, init_from_checkpoint, is_distributed_checkpoint,
+                                      load_checkpoint, mark_distributed_checkpoint, resolve_checkpoint,
+                                      save_checkpoint, step_dir)
+from keyetron.train.data_setup import build_decoder, build_loader, log_sample_ids
 from keyetron.train.evaluate import EvalReport, evaluate
 from keyetron.train.flops import FlopCount, FlopCounter, peak_flops
 from keyetron.train.metrics import MetricSink, Progress, setup_logging
@@ -50,24 +51,6 @@ def apply_freeze(model: torch.nn.Module, prefixes: list[str]) -> dict[str, bool]
         if any(name == x or name.startswith(x + ".") for x in prefixes):
             p.requires_grad_(False)
     return {m: any(p.requires_grad for p in getattr(model, m).parameters()) for m in MODULES}
-
-
-def init_from_checkpoint(model: torch.nn.Module, path: str) -> None:
-    """Weights only (``model.init``) from a Hugging Face folder, a keyetron checkpoint of any
-    layout, or a ``keyetron merge`` output; every parameter must be there with its shape."""
-    from keyetron.train.merge import Checkpoint
-
-    ck = Checkpoint(path)
-    want = model.state_dict()
-    missing = [n for n in want if n not in ck.entries]
-    wrong = [f"{n} {tuple(ck.entries[n][0])} != {tuple(t.shape)}" for n, t in want.items()
-             if n in ck.entries and tuple(ck.entries[n][0]) != tuple(t.shape)]
-    if missing or wrong:
-        raise ValueError(f"model.init {path} ({ck.format}) does not fit model config: missing {missing[:5]}"
-                         f"{' ...' if len(missing) > 5 else ''}, wrong shapes {wrong[:5]}; was it written for "
-                         f"another model config?")
-    model.load_state_dict(ck.read(list(want)))
-    log.info("initialised the model from %s (%s)", path, ck.format)
 
 
 def optimizer_param_groups(model: torch.nn.Module, opt: OptimSection) -> list[dict]:
@@ -156,12 +139,13 @@ class Trainer:
             self.optimizer = build_optimizer(self.model, recipe)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(recipe.schedule, recipe.train.steps))
         self.tokenizer = KeyeTokenizer(self.cfg.tokenizer)
-        builder = DocumentBuilder(self.cfg, self.tokenizer, recipe.data.media, decoder=self._decoder())
+        builder = DocumentBuilder(self.cfg, self.tokenizer, recipe.data.media, decoder=build_decoder(recipe.data))
         source = ConcatSource([open_source(s) for s in recipe.data.sources])
         self.dataset = SampleDataset(source, builder)
         # The data-parallel ranks share one global order, each taking every dp-th position of it;
         # under a parallel layout only pipeline stage 0 reads, each sample once (keyetron.parallel.loading).
-        self.loader = self._build_loader()
+        self.loader = build_loader(self.dataset, recipe, self.cfg, self.trainable, self.topo, self.tokenizer.pad_id,
+                                   self.out)
         self.eval_dataset = SampleDataset(open_source(recipe.data.eval), builder) if recipe.data.eval else None
         self.flops = FlopCounter(self.cfg, self.trainable)
         matmul_dtype = self.autocast_dtype or torch.float32
@@ -176,35 +160,6 @@ class Trainer:
             log.info("resumed from %s at step %d", resume, self.step)
         elif recipe.checkpoint.start_from:
             self._start_from(Path(recipe.checkpoint.start_from), set(recipe.checkpoint.start_reset))
-
-    def _decoder(self):
-        """The decode-server client of ``data.decode_servers`` (None: decode in this process)."""
-        data = self.recipe.data
-        if not data.decode_servers:
-            return None
-        from keyetron.io.client import RemoteDecoder
-        from keyetron.io.protocol import load_secret
-
-        log.info("decoding media on %s (local decoding when they are unreachable)", ", ".join(data.decode_servers))
-        return RemoteDecoder(data.decode_servers, load_secret(data.decode_secret_file), timeout=data.decode_timeout_s)
-
-    def _build_loader(self):
-        from keyetron.parallel.balance import CostModel
-        from keyetron.parallel.balanced_loading import BalancedRows, ensure_cost_index
-        from keyetron.parallel.loading import TopologyLoader
-
-        cfg, accum = self.recipe.data.loader, self.recipe.train.grad_accum
-        costs = cost_model = None
-        if cfg.balance:
-            costs = ensure_cost_index(self.dataset, cfg.cost_index or self.out / "cost_index.json", self.topo)
-            cost_model = (CostModel.load(cfg.calibration) if cfg.calibration
-                          else CostModel.from_flops(self.cfg, self.trainable))
-        if self.topo.distributed:
-            return TopologyLoader(self.dataset, cfg, self.tokenizer.pad_id, self.topo, costs=costs,
-                                  rows_per_step=accum, cost_model=cost_model)
-        if cfg.balance:
-            return BalancedRows(self.dataset, cfg, costs, accum, self.tokenizer.pad_id, model=cost_model)
-        return PackedLoader(self.dataset, cfg, pad_token_id=self.tokenizer.pad_id)
 
     def _resume(self, path: Path, restore_loader: bool = True) -> None:
         from keyetron.parallel.checkpoint import load_distributed, load_into_single_process
@@ -305,14 +260,8 @@ class Trainer:
                           time.perf_counter() - t0)
 
     def _log_sample_ids(self, rows: list[PackedBatch]) -> None:
-        """Data provenance (``log.sample_ids``): the samples of each step, per data-parallel rank."""
-        t = self.topo
-        if not self.recipe.log.sample_ids or t.pp_rank or t.cp_rank or t.tp_rank:
-            return
-        ids = [s for r in rows for s in r.sample_ids if s != PADDING_SAMPLE_ID]
-        self.out.mkdir(parents=True, exist_ok=True)
-        with open(self.out / f"sample_ids.dp{t.dp_rank}.jsonl", "a") as f:
-            f.write(json.dumps({"step": self.step + 1, "dp": t.dp_rank, "of": t.dims.dp, "ids": ids}) + "\n")
+        if self.recipe.log.sample_ids:
+            log_sample_ids(self.out, self.topo, self.step + 1, rows)
 
     # -- the run ----------------------------------------------------------------------------
     def save(self) -> Path:
@@ -472,4 +421,5 @@ def train(recipe: Recipe) -> dict:
     return Trainer(recipe).fit()
 
 
-__all__ = ["Trainer", "accumulate_gradients", "apply_freeze", "build_optimizer", "optimizer_param_groups", "train"]
+__all__ = ["Trainer", "accumulate_gradients", "apply_freeze", "build_optimizer", "init_from_checkpoint",
+           "optimizer_param_groups", "train"]
