@@ -116,7 +116,7 @@ class BalancedRows:
         self.rows_per_rank, self.pad_token_id = rows_per_rank, pad_token_id
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.model = model
-        self._fetch = documents or (lambda indices: [dataset.document(i) for i in indices])
+        self._fetch = documents or (lambda indices, weights=None: [dataset.document(i) for i in indices])
         # One stream of records per mixture category (one stream, "all", without a mixture), each
         # with its own seeded order per epoch and its own cursor.
         if cfg.mixture:
@@ -211,8 +211,11 @@ class BalancedRows:
         for c in costs:  # the step's measured token mixture (all ranks)
             kinds[c.kind] = kinds.get(c.kind, 0) + c.llm_tokens
         self.last_report["mix"] = {k: v / sum(kinds.values()) for k, v in sorted(kinds.items())}
-        wanted = [self._record_at(*taken[k]) for row in mine for k in row]
-        built = dict(zip(wanted, self._fetch(wanted)))
+        model = self.model or CostModel(0, 0, 1, 0)  # without a model: patches
+        built = {}
+        for row in mine:  # one fetch per row: its ViT work is shared out by predicted cost
+            wanted = [self._record_at(*taken[k]) for k in row]
+            built.update(zip(wanted, self._fetch(wanted, [model.vit_cost(costs[k].vit_patches) for k in row])))
         rows = [self._row([(self._record_at(*taken[k]), costs[k]) for k in row], built) for row in mine]
         while len(rows) < self.rows_per_rank:
             rows.append(PackedBatch.from_documents([padding_document(self.cfg.row_tokens, self.pad_token_id)]))

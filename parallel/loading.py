@@ -12,9 +12,10 @@ Who does what, per data-parallel rank (its pipeline stages x CP x TP ranks share
   pixels; the other ranks hold the document without pixels. Owner of record ``i`` in a
   group of ``g``: ``i % g`` — a function of the record alone, so a resumed or resized run
   gives every document the same owner (and the same numerics) as an uninterrupted one;
-  records come in shuffled order, so each rank owns 1/g of them in expectation. The ViT
-  work of one row is balanced only as well as that (``assign_items`` balances better but
-  would need every rank to hold every item's pixels, i.e. to decode them or be sent them).
+  records come in shuffled order, so each rank owns 1/g of them in expectation. Balanced
+  steps (``data.loader.balance``) know each row's records and their predicted ViT cost
+  before reading them and never carry a built document across steps, so there the owners
+  are chosen per row, largest first to the least-loaded rank (``balanced_owners``).
 * **Later pipeline stages read nothing.** Stage 0 sends them each step's row metadata: the
   middle stages get document boundaries and 3D positions (what attention and RoPE need),
   the last stage also the targets (labels and loss mask); nobody after stage 0 gets
@@ -41,6 +42,18 @@ FETCH_SIZE = 16  # records per exchange in the row group
 def record_owner(index: int, group_size: int) -> int:
     """The row-group rank that opens record ``index``, decodes its media and encodes them."""
     return index % group_size
+
+
+def balanced_owners(weights: list[float], group_size: int) -> list[int]:
+    """Owner per record: largest weight first to the least-loaded rank (ties: fewest records, then
+    the lowest rank), so text-only records (weight 0) are spread too."""
+    load, count, owners = [0.0] * group_size, [0] * group_size, [0] * len(weights)
+    for k in sorted(range(len(weights)), key=lambda k: (-weights[k], k)):
+        r = min(range(group_size), key=lambda r: (load[r], count[r], r))
+        owners[k] = r
+        load[r] += weights[k]
+        count[r] += 1
+    return owners
 
 
 class _SkipRecorder(SkipLog):
@@ -71,8 +84,12 @@ class GroupDocuments:
         self.dataset, self.group = dataset, group
         self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
 
-    def __call__(self, indices: list[int]) -> list[Document | None]:
-        owners = [record_owner(i, self.size) for i in indices]
+    def __call__(self, indices: list[int], weights: list[float] | None = None) -> list[Document | None]:
+        """``weights``: predicted ViT cost per record (balanced steps fetch one row at a time with
+        them); the owners are then chosen largest first to the least-loaded rank, so the row's
+        ViT work is balanced over the group. Without: ``record_owner``."""
+        owners = (balanced_owners(weights, self.size) if weights is not None
+                  else [record_owner(i, self.size) for i in indices])
         built: dict[int, Document | None] = {}
         events: dict[int, list] = {}
         skips = self.dataset.skips
@@ -179,4 +196,4 @@ class TopologyLoader:
             self.loader.load_state_dict(state)
 
 
-__all__ = ["FETCH_SIZE", "GroupDocuments", "TopologyLoader", "record_owner"]
+__all__ = ["FETCH_SIZE", "GroupDocuments", "TopologyLoader", "balanced_owners", "record_owner"]

@@ -17,11 +17,15 @@ from keyetron.data.packing import PADDING_SAMPLE_ID
 from keyetron.data.sources import open_source
 from keyetron.data.tokenizer import KeyeTokenizer
 from keyetron.model import load_model_config
-from keyetron.parallel.loading import TopologyLoader
+from keyetron.parallel.balance import CostModel
+from keyetron.parallel.balanced_loading import BalancedRows, build_cost_index
+from keyetron.parallel.loading import TopologyLoader, balanced_owners
 from keyetron.parallel.topology import ParallelDims, Topology
 
 MEDIA = MediaConfig(image_max_tokens=16, video_total_tokens=96, video_fps=1.0)
 LOADER = LoaderConfig(row_tokens=256, buffer_docs=8, seed=0)
+BALANCED = LoaderConfig(row_tokens=256, seed=0, balance=True)
+MODEL = CostModel(1.0, 0.0, 1.0, 0.0, units="flop", source="tokens and patches")  # owners balance patches
 STEPS, ROWS = 3, 2
 
 
@@ -47,7 +51,7 @@ def instrumented_dataset(manifest):
     return dataset, events
 
 
-def _load(rank, world, manifest, dims):
+def _load(rank, world, manifest, dims, costs=None):
     topo = Topology.from_process_group(dims, "cpu")
     dataset, events = instrumented_dataset(manifest)
     decode = dataset_module.decode_media
@@ -58,7 +62,9 @@ def _load(rank, world, manifest, dims):
 
     dataset_module.decode_media = counted
     try:
-        loader = TopologyLoader(dataset, LOADER, pad_token_id=0, topo=topo, fetch_size=5)
+        cfg = BALANCED if costs else LOADER
+        loader = TopologyLoader(dataset, cfg, pad_token_id=0, topo=topo, fetch_size=5, costs=costs, rows_per_step=ROWS,
+                                cost_model=MODEL)
         steps = []
         for _ in range(STEPS):
             rows = loader.next_rows(ROWS)
@@ -75,16 +81,28 @@ def _load(rank, world, manifest, dims):
     return {"coords": (topo.pp_rank, topo.dp_rank, topo.cp_rank, topo.tp_rank), "steps": steps, **events}
 
 
-def reference_rows(manifest, dp_rank, dp):
+def reference_rows(manifest, dp_rank, dp, costs=None):
     dataset, _ = instrumented_dataset(manifest)
-    loader = PackedLoader(dataset, LOADER, pad_token_id=0, dp_rank=dp_rank, dp_size=dp)
-    return [[next(loader) for _ in range(ROWS)] for _ in range(STEPS)]
+    if costs:
+        loader = BalancedRows(dataset, BALANCED, costs, ROWS, 0, dp_rank, dp, MODEL)
+    else:
+        loader = PackedLoader(dataset, LOADER, pad_token_id=0, dp_rank=dp_rank, dp_size=dp)
+    return [loader.next_rows(ROWS) for _ in range(STEPS)]
 
 
-@pytest.mark.parametrize("dims", [ParallelDims(pp=2, dp=1, tp=2), ParallelDims(cp=2, dp=2), ParallelDims(pp=3, dp=1),
-                                  ParallelDims(dp=2, tp=2)], ids=str)
-def test_every_sample_of_a_step_is_opened_and_decoded_once_in_the_whole_job(demo, dims):
-    results = run_ranks(dims.world_size, _load, demo, dims)
+@pytest.fixture(scope="module")
+def costs(demo, tmp_path_factory):
+    dataset, _ = instrumented_dataset(demo)
+    return build_cost_index(dataset, tmp_path_factory.mktemp("index") / "costs.json")
+
+
+@pytest.mark.parametrize("dims,balanced", [
+    (ParallelDims(pp=2, dp=1, tp=2), False), (ParallelDims(cp=2, dp=2), False), (ParallelDims(pp=3, dp=1), False),
+    (ParallelDims(dp=2, tp=2), False), (ParallelDims(pp=2, dp=1, tp=2), True), (ParallelDims(cp=2, dp=2), True)],
+    ids=lambda v: ("balanced" if v else "streaming") if isinstance(v, bool) else str(v))
+def test_every_sample_of_a_step_is_opened_and_decoded_once_in_the_whole_job(demo, costs, dims, balanced):
+    costs = costs if balanced else None
+    results = run_ranks(dims.world_size, _load, demo, dims, costs)
     by_coords = {r["coords"]: r for r in results}
     opened = Counter(i for r in results for i in r["opened"])
     decoded = Counter(tuple(v) for r in results for v in r["decoded"])
@@ -97,7 +115,7 @@ def test_every_sample_of_a_step_is_opened_and_decoded_once_in_the_whole_job(demo
     consumed = []
     for dp in range(dims.dp):
         leader = by_coords[(0, dp, 0, 0)]
-        want = reference_rows(demo, dp, dims.dp)  # the rows one reader of this shard would make
+        want = reference_rows(demo, dp, dims.dp, costs)  # the rows one reader of this shard would make
         for s, rows in enumerate(want):
             for k, row in enumerate(rows):
                 got = leader["steps"][s][k]
@@ -135,3 +153,13 @@ def test_rows_do_not_depend_on_how_many_records_are_fetched_at_once(demo):
     for a, b in zip(rows(1), rows(7)):
         assert a.sample_ids == b.sample_ids and torch.equal(a.input_ids, b.input_ids)
         assert torch.equal(a.pixel_values, b.pixel_values) if a.pixel_values is not None else b.pixel_values is None
+
+
+def test_balanced_owners_share_a_rows_vit_work_largest_first():
+    weights = [900.0, 100.0, 400.0, 0.0, 350.0, 0.0, 250.0]
+    owners = balanced_owners(weights, 2)
+    load = [sum(w for w, o in zip(weights, owners) if o == r) for r in range(2)]
+    assert abs(load[0] - load[1]) <= max(weights)  # the LPT bound
+    assert sorted(load) == [1000.0, 1000.0]  # here it is exact
+    counts = [owners.count(r) for r in range(2)]
+    assert max(counts) - min(counts) <= 1  # text-only records (weight 0) even out the records opened
