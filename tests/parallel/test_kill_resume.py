@@ -1,5 +1,6 @@
 """A data-parallel run (2 processes, as torchrun starts them) killed with SIGKILL mid-training and resumed from its last
-checkpoint logs the same losses as a run that was never interrupted (fp32 on CPU).
+checkpoint logs the same losses, and hands out the same sample ids in the same order, as a run
+that was never interrupted (fp32 on CPU).
 
 The tiny model takes milliseconds a step, so the kill lands some steps after the first
 checkpoint; the resumed run goes 4 steps past whichever checkpoint was the last, and the
@@ -27,7 +28,7 @@ def recipe_file(path, demo, out):
                  "media": {"image_max_tokens": 16, "video_total_tokens": 96, "video_fps": 1.0},
                  "loader": {"row_tokens": 256, "buffer_docs": 8, "seed": 0}},
         "optim": {"lr": 1e-3}, "schedule": {"name": "constant"},
-        "train": {"steps": 1000, "grad_accum": 2, "precision": "fp32"}, "log": {"every": 1, "tensorboard": False},
+        "train": {"steps": 1000, "grad_accum": 2, "precision": "fp32"}, "log": {"every": 1, "tensorboard": False, "sample_ids": True},
         "checkpoint": {"every": 2, "keep": 10, "resume": "auto"}, "parallel": {"dp": 2}}))
     return str(path)
 
@@ -74,6 +75,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def ids_by_step(out) -> dict[tuple[int, int], list[str]]:
+    """The last logged sample ids of each (step, data-parallel rank)."""
+    ids = {}
+    for path in sorted(out.glob("sample_ids.dp*.jsonl")):
+        for entry in map(json.loads, path.read_text().splitlines()):
+            ids[entry["step"], entry["dp"]] = entry["ids"]
+    return ids
+
+
 def losses_by_step(out) -> dict[int, float]:
     """The last logged loss of each step (a killed run may have logged steps its resume redoes)."""
     with open(out / "metrics.jsonl") as f:
@@ -117,3 +127,5 @@ def test_a_killed_data_parallel_run_resumes_to_the_uninterrupted_losses(demo, tm
     resumed = range(last + 1, steps + 1)
     assert [got[s] for s in resumed] == pytest.approx([expected[s] for s in resumed], rel=1e-6)
     assert [got[s] for s in range(1, last + 1)] == pytest.approx([expected[s] for s in range(1, last + 1)], rel=1e-6)
+    # the same sample ids in the same order, step by step and rank by rank
+    assert ids_by_step(tmp_path / "b") == ids_by_step(tmp_path / "a") and len(ids_by_step(tmp_path / "a")) == 2 * steps
