@@ -5,8 +5,9 @@ seeded by ``data.loader.seed`` and the epoch). A step walks that order from the 
 position (epoch, cursor) and takes the next ``batch_size * dp_size`` records that are
 image-caption pairs (``image_caption``: one image, a caption or a question + answer),
 running into the next epoch when this one ends; data-parallel rank r decodes the r-th
-``batch_size`` of them. Every rank walks alike (it reads each record's JSON, decodes only
-its own images), so the position is one state for all ranks: a checkpoint resumes exactly,
+``batch_size`` of them. Which records are one-image samples comes from the cost index
+(``keyetron.parallel.balanced_loading``: built once from metadata by rank 0), so a rank opens
+only its own records; every rank walks alike, so the position is one state for all ranks: a checkpoint resumes exactly,
 under any number of data-parallel ranks, and the ranks' union batch is the batch one
 process with ``batch_size * dp_size`` would take.
 
@@ -61,11 +62,20 @@ def build_each(builder: ContrastiveBatchBuilder, pairs: Sequence[ImageCaption],
 class PairDataset:
     """The records of a source seen as image-caption pairs: which are pairs, and a pair's batch."""
 
-    def __init__(self, source: SampleSource, builder: ContrastiveBatchBuilder, skips: SkipLog | None = None):
+    def __init__(self, source: SampleSource, builder: ContrastiveBatchBuilder, skips: SkipLog | None = None,
+                 candidates: Sequence[bool] | None = None):
+        """``candidates``: per record, whether it is one image (from the cost index: metadata
+        read once, by one rank); then no rank reads another rank's records. Without it every
+        rank reads each record's JSON once to classify it."""
         self.source = source
         self.builder = builder
         self.skips = skips if skips is not None else SkipLog()
         self._kind = bytearray(len(source))  # UNSEEN / PAIR / NOT_PAIR per record, the same on every rank
+        if candidates is not None:
+            if len(candidates) != len(source):
+                raise ConfigError(f"the cost index has {len(candidates)} records, data.sources {len(source)}; "
+                                  f"delete the index to rebuild it")
+            self._kind[:] = bytes(PAIR if c else NOT_PAIR for c in candidates)
 
     def __len__(self) -> int:
         return len(self.source)
@@ -95,9 +105,12 @@ class PairDataset:
         parts = []
         for index in indices:
             with self.source.record(index) as rec:  # a tar shard's media live while the record is open
-                pair = self._pair(rec, report=False)
+                pair = self._pair(rec, report=True)
                 if pair is not None:
                     parts.append(build_each(self.builder, [pair], self.skips))
+                elif rec.error is None:  # the index said one image, but there is no caption
+                    self.skips.add("not_a_pair", sample_id_of(rec.raw, f"<{rec.location}>"), rec.location,
+                                   "one image but no caption or question/answer text")
         parts = [p for p in parts if p is not None]
         return concat_batches(parts) if parts else None
 

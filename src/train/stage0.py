@@ -189,7 +189,8 @@ class ContrastiveTrainer(Trainer):
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer.inner, lr_lambda(r.schedule, r.train.steps))
         tokenizer = CaptionTokenizer.for_tower(text_cfg, caption_tokenizer_path(r))
         self.builder = ContrastiveBatchBuilder(tokenizer, r.data.media)
-        self.dataset = PairDataset(ConcatSource([open_source(s) for s in r.data.sources]), self.builder)
+        source = ConcatSource([open_source(s) for s in r.data.sources])
+        self.dataset = PairDataset(source, self.builder, candidates=self._one_image_records(source))
         self.loader = PairLoader(self.dataset, c.batch_size, r.data.loader, self.topo.dp_rank, dims.dp)
         self.eval_pairs = None
         if r.data.eval and self.is_main:
@@ -267,6 +268,18 @@ class ContrastiveTrainer(Trainer):
         torch.set_rng_state(torch.tensor(state["rng"], dtype=torch.uint8))
 
     # -- one optimizer step ---------------------------------------------------------------
+    def _one_image_records(self, source) -> list[bool]:
+        """Per record, whether it is a one-image sample, from the cost index (built by rank 0 from
+        metadata when missing), so that no rank reads the records of another."""
+        from keyetron.data.dataset import DocumentBuilder, SampleDataset
+        from keyetron.data.tokenizer import KeyeTokenizer
+        from keyetron.parallel.balanced_loading import ensure_cost_index
+
+        r = self.recipe
+        indexed = SampleDataset(source, DocumentBuilder(self.cfg, KeyeTokenizer(self.cfg.tokenizer), r.data.media))
+        costs = ensure_cost_index(indexed, r.data.loader.cost_index or self.out / "cost_index.json", self.topo)
+        return [c is not None and c.kind == "image" and len(c.vit_patches) == 1 for c in costs]
+
     def train_step(self) -> PairStep:
         from keyetron.parallel.data_parallel import clip_coefficient
 
