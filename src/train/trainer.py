@@ -19,7 +19,7 @@ import torch
 
 from keyetron.data.batch import PackedBatch
 from keyetron.backend.device import autocast, default_device, device_name, supports_bf16, synchronize
-from keyetron.data.dataset import DocumentBuilder, SampleDataset
+from keyetron.data.dataset import DocumentBuilder, SampleDataset, Skip, SkipLog
 from keyetron.data.loader import reshard_loader_states
 from keyetron.data.sources import ConcatSource, open_source
 from keyetron.data.tokenizer import KeyeTokenizer
@@ -349,6 +349,7 @@ class Trainer:
         progress.close()
         final = self.save()
         report = None if preemption.stopped else self.run_eval(sink, final)
+        self._gather_skips()
         log.info(self.dataset.skips.summary())
         summary = self._summary(report) | preemption.finish(self.step, self.is_main)
         if self.is_main:
@@ -386,6 +387,24 @@ class Trainer:
         if self.peak:
             metrics["perf/mfu"] = flops.total / (seconds * self.topo.world_size * self.peak)
         return metrics
+
+    def _gather_skips(self) -> None:
+        """Rank 0's skip log becomes the whole job's: each data-parallel rank's readers skip their
+        own samples (the first stage-0 rank of each speaks for its group, which agrees)."""
+        import torch.distributed as dist
+
+        t = self.topo
+        if not t.distributed:
+            return
+        states = [None] * t.world_size
+        speaks = not (t.pp_rank or t.cp_rank or t.tp_rank)
+        dist.all_gather_object(states, self.dataset.skips.state_dict() if speaks else None)
+        if self.is_main:
+            merged = SkipLog()
+            for state in filter(None, states):
+                merged.counts.update(state["counts"])
+                merged.entries.extend(Skip(**e) for e in state["entries"][:SkipLog.MAX_KEPT - len(merged.entries)])
+            self.dataset.skips.counts, self.dataset.skips.entries = merged.counts, merged.entries
 
     def _summary(self, report: EvalReport | None) -> dict:
         losses = [h["train/loss"] for h in self.history]

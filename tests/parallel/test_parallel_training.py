@@ -74,3 +74,36 @@ def test_data_parallel_training_runs_and_learns(demo, single, tmp_path):
     path = recipe_file(tmp_path / "r.yaml", demo, tmp_path / "out", 4, dp=2)
     _, losses = run_ranks(2, _train, path, ParallelDims(dp=2))[0]
     assert len(losses) == 4 and losses[-1] < losses[0]  # each rank reads its own half of the records
+
+
+def _train_summary(rank, world, recipe_path, dims):
+    trainer = Trainer(load_recipe(recipe_path), topo=Topology.from_process_group(dims, "cpu"))
+    own = {}
+    gather = trainer._gather_skips
+
+    def counted():
+        own["total"] = trainer.dataset.skips.total  # this rank's own, before the job's are gathered
+        gather()
+
+    trainer._gather_skips = counted
+    summary = trainer.fit()
+    return own["total"], summary["skips"]["total"]
+
+
+def test_the_summary_counts_the_skips_of_every_data_parallel_rank(demo, tmp_path):
+    from keyetron.data.loader import LoaderConfig, epoch_order
+
+    lines = (demo / "train.jsonl").read_text().splitlines()
+    bad = ['{"id": "bad-json-1", ', '{"id": "bad-json-2", ', '{"id": "bad-json-3", ', '{"id": "bad-json-4", ']
+    manifest = tmp_path / "with-bad.jsonl"
+    manifest.write_text("\n".join(lines + bad) + "\n")
+    order = epoch_order(list(range(len(lines) + len(bad))), LoaderConfig(seed=0), 0)
+    readers = {order.index(len(lines) + k) % 2 for k in range(len(bad))}
+    assert readers == {0, 1}, "the bad records must fall to both data-parallel readers"
+    path = recipe_file(tmp_path / "r.yaml", demo, tmp_path / "out", 4)
+    recipe = json.loads((tmp_path / "r.yaml").read_text())
+    recipe["data"]["sources"] = [str(manifest)]
+    recipe["eval"] = {"max_new_tokens": 1, "max_samples": 1}
+    (tmp_path / "r.yaml").write_text(json.dumps(recipe))
+    (own0, job), (own1, _) = run_ranks(2, _train_summary, path, ParallelDims(dp=2))
+    assert own0 > 0 and own1 > 0 and job == own0 + own1  # rank 0's summary has both ranks' skips
