@@ -34,7 +34,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections import deque
+from collections import Counter, deque
 from dataclasses import asdict
 from pathlib import Path
 
@@ -195,7 +195,8 @@ class BalancedRows:
         assert n == self.rows_per_rank, (n, self.rows_per_rank)
         taken = self._draw()
         while True:
-            costs = [self.costs[self._record_at(*p)] for p in taken]
+            records = [self._record_at(*p) for p in taken]
+            costs = [self.costs[i] for i in records]
             try:
                 assignment = assign(costs, self.dp_size, self.cfg.row_tokens, self.rows_per_rank, self.model)
                 break
@@ -207,24 +208,23 @@ class BalancedRows:
         if self.model is not None and self.model.units == "seconds":  # a calibrated model predicts time
             self.last_report["predicted_step_s"] = float(assignment.vit.max() + assignment.llm.max())
         mine = assignment.rows[self.dp_rank]
-        kinds = {}
-        for c in costs:  # the step's measured token mixture (all ranks)
-            kinds[c.kind] = kinds.get(c.kind, 0) + c.llm_tokens
+        kinds = Counter()
+        for c in costs:  # the step's token mixture (all ranks)
+            kinds[c.kind] += c.llm_tokens
         self.last_report["mix"] = {k: v / sum(kinds.values()) for k, v in sorted(kinds.items())}
         model = self.model or CostModel(0, 0, 1, 0)  # without a model: patches
-        built = {}
+        rows = []
         for row in mine:  # one fetch per row: its ViT work is shared out by predicted cost
-            wanted = [self._record_at(*taken[k]) for k in row]
-            built.update(zip(wanted, self._fetch(wanted, [model.vit_cost(costs[k].vit_patches) for k in row])))
-        rows = [self._row([(self._record_at(*taken[k]), costs[k]) for k in row], built) for row in mine]
+            wanted = [records[k] for k in row]
+            docs = self._fetch(wanted, [model.vit_cost(costs[k].vit_patches) for k in row])
+            rows.append(self._row(list(zip(wanted, [costs[k] for k in row], docs))))
         while len(rows) < self.rows_per_rank:
             rows.append(PackedBatch.from_documents([padding_document(self.cfg.row_tokens, self.pad_token_id)]))
         return rows
 
-    def _row(self, members: list[tuple[int, SampleCost]], built: dict[int, Document | None]) -> PackedBatch:
+    def _row(self, members: list[tuple[int, SampleCost, Document | None]]) -> PackedBatch:
         docs = []
-        for index, cost in members:
-            doc = built[index]
+        for index, cost, doc in members:
             if doc is None:  # a bad sample: already a counted skip; the row keeps its room as padding
                 continue
             if doc.sample_id != cost.sample_id or len(doc) > cost.llm_tokens:

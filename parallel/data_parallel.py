@@ -111,6 +111,25 @@ def clip_coefficient(norm: torch.Tensor, max_norm: float | None) -> float:
     return min(1.0, max_norm / (float(norm) + 1e-6))
 
 
+def is_tp_sharded(p) -> bool:
+    """Whether parameter ``p`` is split by tensor parallelism (a DTensor with a Shard placement)."""
+    placements = getattr(p, "placements", None)
+    return placements is not None and any(pl.is_shard() for pl in placements)
+
+
+def range_norm_sq(params, numels, values: torch.Tensor, start: int, stop: int, tp_rank: int) -> torch.Tensor:
+    """Squared norm of positions [start, stop) of ``params`` laid end to end (``values`` holds just
+    those positions), counting each value once: TP-replicated parameters on TP rank 0 only."""
+    out = torch.zeros((), dtype=torch.float64, device=values.device)
+    offset = 0
+    for p, n in zip(params, numels):
+        lo, hi = max(offset, start), min(offset + n, stop)
+        if lo < hi and (is_tp_sharded(p) or tp_rank == 0):
+            out += values[lo - start:hi - start].double().pow(2).sum()
+        offset += n
+    return out
+
+
 class PlainAdamW:
     """Unsharded AdamW behind the same interface as ``ShardedAdamW``."""
 
@@ -241,17 +260,7 @@ class ShardedAdamW:
 
     def _shard_norm_sq(self, params, numels, shard, size) -> torch.Tensor:
         start = self.rank * size
-        out = torch.zeros((), dtype=torch.float64, device=shard.device)
-        offset = 0
-        for p, n in zip(params, numels):
-            lo, hi = max(offset, start), min(offset + n, start + size)
-            if lo < hi:
-                placements = getattr(p, "placements", None)
-                tp_sharded = placements is not None and any(pl.is_shard() for pl in placements)
-                if tp_sharded or self.topo.tp_rank == 0:
-                    out += shard[lo - start:hi - start].double().pow(2).sum()
-            offset += n
-        return out
+        return range_norm_sq(params, numels, shard, start, start + size, self.topo.tp_rank)
 
     def step(self, clip_coef: float = 1.0) -> None:
         scale_gradients(self.param_groups, clip_coef)

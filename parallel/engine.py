@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from keyetron.backend.device import autocast
 from keyetron.data.batch import PackedBatch

@@ -38,7 +38,8 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from keyetron.parallel.collectives import all_gather_tensor, reduce_scatter_tensor
-from keyetron.parallel.data_parallel import ShardedAdamW, _all_reduce_coalesced, _local, scale_gradients
+from keyetron.parallel.data_parallel import (ShardedAdamW, _all_reduce_coalesced, _local, range_norm_sq,
+                                             scale_gradients)
 from keyetron.parallel.topology import Topology
 
 DEFAULT_BUCKET_NUMEL = 40_000_000  # elements per gradient bucket (Megatron's default size)
@@ -81,11 +82,6 @@ class BucketedLayout(tuple):
 
 def _is_partial(grad) -> bool:
     return isinstance(grad, DTensor) and any(pl.is_partial() for pl in grad.placements)
-
-
-def _tp_sharded(p) -> bool:
-    placements = getattr(p, "placements", None)
-    return placements is not None and any(pl.is_shard() for pl in placements)
 
 
 class ZeRO2AdamW(ShardedAdamW):
@@ -213,12 +209,7 @@ class ZeRO2AdamW(ShardedAdamW):
         rank), of TP-replicated parameters on TP rank 0 only."""
         out = torch.zeros((), dtype=torch.float64, device=grad.device)
         for start, stop, at in self.owned_ranges(layout):
-            offset = 0
-            for p, n in zip(layout[0], layout[1]):
-                lo, hi = max(offset, start), min(offset + n, stop)
-                if lo < hi and (_tp_sharded(p) or self.topo.tp_rank == 0):
-                    out += grad[at + lo - start:at + hi - start].double().pow(2).sum()
-                offset += n
+            out += range_norm_sq(layout[0], layout[1], grad[at:at + stop - start], start, stop, self.topo.tp_rank)
         return out
 
     # -- update ----------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from keyetron.data.sources import JsonlSource
 from keyetron.data.tokenizer import KeyeTokenizer
 from keyetron.data.video import write_video
 from keyetron.io import AuthenticationError, RemoteDecoder, load_secret
-from keyetron.io.protocol import (PROTOCOL, Channel, ProtocolError, client_handshake, decode_message,
+from keyetron.io.protocol import (Channel, ProtocolError, client_handshake, decode_message,
                                   encode_message)
 
 MEDIA = MediaConfig(image_max_tokens=64, video_total_tokens=600, video_fps=2.0)

@@ -8,7 +8,7 @@ from keyetron.cli import main
 from keyetron.config import ConfigError
 from keyetron.data.batch import PackedBatch
 from keyetron.data.demo import make_demo
-from keyetron.model import build_model, load_model_config
+from keyetron.model import build_model
 from keyetron.model.generate import greedy_generate
 from keyetron.train.recipe import load_recipe
 from keyetron.train.trainer import Trainer, accumulate_gradients
