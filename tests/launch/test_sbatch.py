@@ -3,11 +3,11 @@ srun / torchrun command as the job's shell will split it, the forwarding of SLUR
 signal to the training processes, and the errors of jobs that cannot run."""
 import json
 import os
+import select
 import shlex
 import signal
 import stat
 import subprocess
-import time
 
 import pytest
 
@@ -112,16 +112,19 @@ def test_the_batch_shell_forwards_the_warning_signal_and_ends_with_the_training_
             'trap \'echo got-USR1 > "$OUT/forwarded"; kill $pid; exit 7\' USR1\n'
             'echo ready > "$OUT/ready"\n'
             'wait\n')
+    # "ready" is a FIFO: the fake srun's echo into it, once its trap is set, is the event the test waits on
+    os.mkfifo(tmp_path / "ready")
+    ready = os.open(tmp_path / "ready", os.O_RDONLY | os.O_NONBLOCK)
     proc = run_script(script, tmp_path, srun)
     try:
-        deadline = time.monotonic() + 30
-        while not (tmp_path / "ready").is_file():
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
-            time.sleep(0.02)
+        readable, _, _ = select.select([ready], [], [], 30)
+        assert readable and os.read(ready, 64) == b"ready\n", \
+            f"the fake srun did not start in 30 s (status {proc.poll()})"
         proc.send_signal(signal.SIGUSR1)  # as `scancel --signal=USR1 --batch` or --signal=B:USR1@N
         out, _ = proc.communicate(timeout=30)
     finally:
         proc.kill()
+        os.close(ready)
     assert (tmp_path / "forwarded").read_text() == "got-USR1\n"
     assert "SIGUSR1 received: forwarding it" in out and "training exited with status 7" in out
     assert proc.returncode == 7

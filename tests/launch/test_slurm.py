@@ -8,6 +8,7 @@ if it was running before; otherwise it is stopped at the end."""
 import json
 import os
 import re
+import select
 import subprocess
 import time
 from pathlib import Path
@@ -83,34 +84,97 @@ def job_field(job: str, name: str) -> str:
     return found.group(1) if found else ""
 
 
+class TrainLog:
+    """The run's ``train.log``, made a FIFO before the job is submitted: rank 0 of each start of the job (the
+    first one, the requeued one) writes its log lines into it, and the test reads them as they are written.
+    A start's rank 0 exiting closes it (end of file). Waiting blocks on it (select) and polls nothing."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.mkfifo(path)
+        self.path = path
+        self.text = ""  # what rank 0 logged, all starts together
+        self.ends = 0  # the starts whose rank 0 has exited
+        self.fd = self._open()
+
+    def _open(self) -> int:
+        # Non-blocking: opening waits for no writer, and a writer's open finds a reader at once.
+        return os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)
+
+    def read_until(self, ready, deadline: float) -> bool:
+        """Read as rank 0 writes until ``ready()``; False at ``deadline`` (time.monotonic())."""
+        while not ready():
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.fd], [], [], left)[0]:
+                return False
+            chunk = os.read(self.fd, 1 << 16)
+            if chunk:
+                self.text += chunk.decode(errors="replace")
+            else:  # rank 0 of this start has exited; the next start's rank 0 will open it anew
+                os.close(self.fd)
+                self.fd = self._open()
+                self.ends += 1
+        return True
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def wait_for_allocation_end(job: str, timeout: float = TIMEOUT_S) -> str:
+    """Block until SLURM takes the job's allocation back: a step sharing it (``--overlap``) reads a pipe that
+    nobody writes to, so it runs until SLURM ends it with the job (it cannot start once the job is ending).
+    Returns what srun said."""
+    never_written, held = os.pipe()
+    try:
+        return subprocess.run(["srun", f"--jobid={job}", "--overlap", "--ntasks=1", "--quiet", "cat"],
+                              stdin=never_written, capture_output=True, text=True, timeout=timeout).stderr
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"job {job}: still allocated {timeout} s after its training ended") from None
+    finally:
+        os.close(never_written)
+        os.close(held)
+
+
 class Job:
-    def __init__(self, job: str, out: Path):
+    def __init__(self, job: str, out: Path, train_log: TrainLog):
         self.id = job
         self.out_log = out / "logs" / f"slurm-tiny-{job}.out"
         self.err_log = out / "logs" / f"slurm-tiny-{job}.err"
+        self.train_log = train_log
 
     def logs(self) -> str:
         return "\n".join(p.read_text()[-6000:] for p in (self.out_log, self.err_log) if p.is_file())
 
-    def wait_until(self, ready, what: str, timeout: float = TIMEOUT_S) -> None:
-        deadline = time.monotonic() + timeout
-        while not ready():
-            state = job_field(self.id, "JobState")
-            assert state not in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"), \
-                f"job {self.id} {state} while waiting for {what}:\n{self.logs()}"
-            assert time.monotonic() < deadline, f"job {self.id}: no {what} in {timeout} s ({state}):\n{self.logs()}"
-            time.sleep(0.2)
+    def wait_for_log(self, text: str, timeout: float = TIMEOUT_S) -> None:
+        """Until rank 0 logs ``text``; fails if rank 0 exits first, or after ``timeout`` s."""
+        ends = self.train_log.ends
+        self.train_log.read_until(lambda: text in self.train_log.text or self.train_log.ends > ends,
+                                  time.monotonic() + timeout)
+        why = "rank 0 exited before it" if self.train_log.ends > ends else f"not in {timeout} s"
+        assert text in self.train_log.text, \
+            f"job {self.id} ({job_field(self.id, 'JobState')}): no {text!r}, {why}:\n{self.logs()}"
 
-    def wait_done(self) -> None:
-        self.wait_until(lambda: job_field(self.id, "JobState") == "COMPLETED", "completion")
+    def wait_done(self, starts: int = 1, timeout: float = TIMEOUT_S) -> None:
+        """Until the job has ended after ``starts`` starts (1 + its requeues): rank 0 of the last start
+        exits, then the batch script does and SLURM takes the allocation back."""
+        if not self.train_log.read_until(lambda: self.train_log.ends >= starts, time.monotonic() + timeout):
+            state = job_field(self.id, "JobState")
+            raise AssertionError(f"job {self.id}: start {starts - 1} did not end in {timeout} s ({state}):\n"
+                                 f"{self.logs()}")
+        srun = wait_for_allocation_end(self.id, timeout)
+        state, code = job_field(self.id, "JobState"), job_field(self.id, "ExitCode")
+        assert state in ("COMPLETING", "COMPLETED") and code == "0:0", \
+            f"job {self.id} {state} (exit code {code}); srun --overlap: {srun}\n{self.logs()}"
 
     def cancel(self) -> None:
         subprocess.run(["scancel", self.id], capture_output=True, timeout=60)
+        self.train_log.close()
 
 
 def test_a_two_process_cpu_job_trains_to_the_end(slurm, demo, tmp_path, capsys):
     out = tmp_path / "run"
-    job = Job(launch(recipe_file(tmp_path / "r.yaml", demo, out, steps=4), capsys), out)
+    train_log = TrainLog(out / "train.log")  # before the job can start
+    job = Job(launch(recipe_file(tmp_path / "r.yaml", demo, out, steps=4), capsys), out, train_log)
     try:
         job.wait_done()
     finally:
@@ -126,14 +190,14 @@ def test_a_two_process_cpu_job_trains_to_the_end(slurm, demo, tmp_path, capsys):
 def test_a_warned_job_checkpoints_requeues_itself_and_resumes_to_the_end(slurm, demo, tmp_path, capsys):
     out = tmp_path / "run"
     steps = 40  # long enough that the signal lands mid-run; the resumed run trains the rest
-    job = Job(launch(recipe_file(tmp_path / "r.yaml", demo, out, steps=steps), capsys), out)
+    train_log = TrainLog(out / "train.log")  # before the job can start
+    job = Job(launch(recipe_file(tmp_path / "r.yaml", demo, out, steps=steps), capsys), out, train_log)
     try:
-        job.wait_until(lambda: job.err_log.is_file() and f"step 2/{steps} loss" in job.err_log.read_text(),
-                       "step 2")
+        job.wait_for_log(f"step 2/{steps} loss")
         warn = subprocess.run(["scancel", "--signal=USR1", "--batch", job.id], capture_output=True, text=True,
                               timeout=60)
         assert warn.returncode == 0, warn.stderr
-        job.wait_done()
+        job.wait_done(starts=2)  # the warned start, then the requeued one
     finally:
         job.cancel()
     err, log = job.err_log.read_text(), job.out_log.read_text()

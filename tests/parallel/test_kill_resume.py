@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -48,12 +49,37 @@ class Ranks:
                                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
             self.procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                                text=True, start_new_session=True))
+        # One reader per process takes its output line by line as it is written; the test waits on
+        # what they read (a log line, the end of a process's output) instead of polling.
+        self.lines: list[list[str]] = [[] for _ in self.procs]
+        self.ended = [False] * len(self.procs)
+        self.news = threading.Condition()
+        self.readers = [threading.Thread(target=self._read, args=(rank,), daemon=True) for rank in range(world)]
+        for reader in self.readers:
+            reader.start()
 
-    def running(self) -> bool:
-        return all(p.poll() is None for p in self.procs)
+    def _read(self, rank: int) -> None:
+        for line in self.procs[rank].stdout:
+            with self.news:
+                self.lines[rank].append(line)
+                self.news.notify_all()
+        with self.news:
+            self.ended[rank] = True
+            self.news.notify_all()
+
+    def wait_for_line(self, text: str, timeout: float) -> None:
+        """Until rank 0 logs a line holding ``text`` (rank 0 logs at INFO, the others warnings only); fails
+        if a process ends its output first, or after ``timeout`` seconds."""
+        with self.news:
+            seen = self.news.wait_for(lambda: any(self.ended) or any(text in line for line in self.lines[0]),
+                                      timeout)
+            found = any(text in line for line in self.lines[0])
+        assert found, (f"rank 0 logged no {text!r} in {timeout} s" if not seen else
+                       f"a process ended before rank 0 logged {text!r}") + f":\n{self.output()}"
 
     def output(self) -> str:
-        return "\n".join((p.stdout.read() or "")[-3000:] for p in self.procs if p.poll() is not None)
+        with self.news:
+            return "\n".join("".join(lines)[-3000:] for lines in self.lines)
 
     def kill(self) -> None:
         for p in self.procs:
@@ -61,12 +87,16 @@ class Ranks:
                 os.killpg(p.pid, signal.SIGKILL)
         for p in self.procs:
             p.wait(timeout=30)
+        for reader in self.readers:
+            reader.join(timeout=30)
 
     def wait(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        for p in self.procs:
-            out, _ = p.communicate(timeout=max(deadline - time.monotonic(), 1))
-            assert p.returncode == 0, out[-4000:]
+        for p, reader in zip(self.procs, self.readers):
+            p.wait(timeout=max(deadline - time.monotonic(), 1))
+            reader.join(timeout=max(deadline - time.monotonic(), 1))  # the rest of its output
+        for p, lines in zip(self.procs, self.lines):
+            assert p.returncode == 0, "".join(lines)[-4000:]
 
 
 def free_port() -> int:
@@ -108,13 +138,11 @@ def run_to_the_end(recipe: str, steps: int) -> None:
 def test_a_killed_data_parallel_run_resumes_to_the_uninterrupted_losses(demo, tmp_path):
     recipe = recipe_file(tmp_path / "b.json", demo, tmp_path / "b")
     victim = Ranks(recipe)  # 1000 steps; the constant schedule does not depend on the length
-    marker = tmp_path / "b" / "checkpoints" / "step-000002" / "state.json"  # written last: the checkpoint is whole
+    checkpoint = tmp_path / "b" / "checkpoints" / "step-000002"
     try:
-        deadline = time.monotonic() + TIMEOUT_S
-        while not marker.is_file():
-            assert victim.running(), victim.output()
-            assert time.monotonic() < deadline, "no step-2 checkpoint in time"
-            time.sleep(0.05)
+        # rank 0 logs it once the checkpoint is whole: all shards saved, then state.json written last
+        victim.wait_for_line(f"saved checkpoint {checkpoint}", TIMEOUT_S)
+        assert (checkpoint / "state.json").is_file()  # the checkpoint is whole
     finally:
         victim.kill()
     assert all(p.returncode == -signal.SIGKILL for p in victim.procs)
