@@ -58,7 +58,7 @@ def torchrun_path() -> str:
 def spec_from_args(args: argparse.Namespace, workdir: Path | None = None) -> JobSpec:
     """Load the recipe as the job will (overrides and layout flags applied) and describe the job."""
     from keyetron.config import ConfigError
-    from keyetron.train.entry import layout_overrides
+    from keyetron.train.run import layout_overrides
     from keyetron.train.recipe import load_recipe
 
     workdir = (workdir or Path.cwd()).resolve()

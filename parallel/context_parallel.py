@@ -18,13 +18,16 @@ Llama 3's recipe, fitted to packed rows of many documents:
   real token nor the loss.
 
 The plan is pure bookkeeping, computed identically on every rank from ``cu_seqlens``;
-``ContextParallelAttention`` does the communication and is passed to
-``Qwen3LM.decode(hidden, position_ids, cu_seqlens=...)`` in place of the boundaries.
+``ContextParallelAttention`` does the communication for one row and rank, and
+``apply_context_parallel`` installs ``context_parallel_attention`` as the attention core of
+the LLM's attention modules: it attends through the ``attention`` of the batch it is given
+(the rank's ``LocalRow``, built by ``keyetron.parallel.local_rows.RowSlicer``).
 
-Vision: visual features land on pad tokens anywhere in the row, so stage 0 embeds the
-FULL row (``model.embed(batch)``) and slices the result with
-``plan.shard_tokens(embeddings, cp_rank)``; the slice is differentiable, so each CP rank
-gets the ViT gradient of its own tokens and the sum over CP ranks is the full gradient.
+Vision: visual features land on pad tokens anywhere in the row. The row's items are
+encoded once over the ranks that share it (``keyetron.parallel.vision``) and each rank
+takes the features of the visual tokens in its slice; the selection is differentiable,
+so each CP rank back-propagates the features its tokens used and the sum over CP ranks
+is the full gradient.
 """
 from __future__ import annotations
 
@@ -36,9 +39,9 @@ import torch
 import torch.distributed as dist
 
 from keyetron.backend.attention import varlen_attention
-from keyetron.data.batch import IGNORE_INDEX, PackedBatch
-from keyetron.parallel.collectives import all_gather_tensor as _all_gather
-from keyetron.parallel.collectives import reduce_scatter_tensor as _reduce_scatter
+from keyetron.batch import IGNORE_INDEX, PackedBatch
+from keyetron.backend.collectives import all_gather_tensor as _all_gather
+from keyetron.backend.collectives import reduce_scatter_tensor as _reduce_scatter
 
 # Cost of one token's matmuls in units of one causal (query, key) pair, Qwen3-8B:
 # 2 * 193M matmul params per layer / (4 * 32 heads * 128 dims) = ~24K. Short documents are
@@ -122,9 +125,9 @@ class ContextParallelPlan:
         """This rank's text inputs: ids, positions, targets (IGNORE_INDEX on padding).
 
         ``cu_seqlens`` of the result marks the local query segments (padding last); it is
-        NOT valid for plain attention: chunks of a split document need their prefix, so
-        attention must go through ``ContextParallelAttention``. Visual inputs are dropped:
-        embed the full row and ``shard_tokens`` the embeddings (see the module docstring).
+        NOT valid for plain attention when cp > 1: chunks of a split document need their
+        prefix, so attention must go through ``ContextParallelAttention``. Visual inputs are
+        dropped (``keyetron.parallel.local_rows.RowSlicer`` adds them).
         """
         bounds = [0] + [s.query_end for s in self.shards[cp_rank].segments]
         if self.padding(cp_rank):
@@ -257,10 +260,11 @@ def all_gather_tokens(x: torch.Tensor, group) -> torch.Tensor:
 
 
 class ContextParallelAttention:
-    """Causal attention of this rank's queries over the whole row; one per micro-batch.
+    """Causal attention of this rank's queries over the whole row; one per row and rank.
 
-    Pass it as ``cu_seqlens`` to ``Qwen3LM.decode``: each attention layer calls ``attend``.
-    With ``group=None`` (cp=1) it is plain varlen attention over the plan's documents.
+    The rank's ``LocalRow`` carries it as ``attention``; the installed attention core calls
+    ``attend`` in every layer. With ``group=None`` (cp=1) it is plain varlen attention over
+    the plan's documents.
     """
 
     def __init__(self, plan: ContextParallelPlan, cp_rank: int, group=None):
@@ -308,6 +312,22 @@ class ContextParallelAttention:
                 f"{len(self.cu_seqlens_q) - 1} segments, {self.key_index.numel()} keys)")
 
 
+def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch, kernel: str) -> torch.Tensor:
+    """The attention core context parallelism installs (``Attention.core``): attend through the
+    batch's ``ContextParallelAttention`` (a ``LocalRow``'s ``attention``)."""
+    attention = getattr(batch, "attention", None)
+    if attention is None:
+        raise ValueError("context-parallel attention needs the rank's slice of a row (keyetron.parallel.local_rows."
+                         "RowSlicer), which says where each query's keys are; got a batch without it")
+    return attention.attend(q, k, v, kernel=kernel)
+
+
+def apply_context_parallel(llm) -> None:
+    """Make every attention module of ``llm`` attend over the whole row from its context-parallel slice."""
+    for layer in llm.layers:
+        layer.self_attn.core = context_parallel_attention
+
+
 def gather_tokens(plan: ContextParallelPlan, x_local: torch.Tensor, group, dim: int = 0) -> torch.Tensor:
     """Every rank's shard of ``x`` back in full-row order, on every rank (evaluation, tests)."""
     if group is None:
@@ -324,6 +344,8 @@ __all__ = [
     "RankShard",
     "Segment",
     "all_gather_tokens",
+    "apply_context_parallel",
+    "context_parallel_attention",
     "gather_tokens",
     "plan_context_parallel",
 ]

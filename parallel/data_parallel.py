@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from keyetron.parallel.collectives import all_gather_tensor, reduce_scatter_tensor
+from keyetron.backend.collectives import all_gather_tensor, reduce_scatter_tensor
 from keyetron.parallel.topology import Topology
 
 VISION_MODULES = ("vit", "projector")
@@ -71,7 +71,7 @@ def reduce_gradients(model: nn.Module, topo: Topology, skip: Iterable[str] = ())
         _all_reduce_coalesced(buckets[key], topo.group(*key))
 
 
-def _counted_once(name: str, p: torch.Tensor, topo: Topology) -> bool:
+def counted_once(name: str, p: torch.Tensor, topo: Topology) -> bool:
     """Whether this rank counts parameter ``name`` in the global norm (each value once)."""
     placements = getattr(p, "placements", None)
     tp_sharded = placements is not None and any(pl.is_shard() for pl in placements)
@@ -85,10 +85,16 @@ def global_grad_norm(model: nn.Module, topo: Topology, norm_type: float = 2.0) -
     """The 2-norm of the full-model gradient, every value counted once across all ranks.
 
     Call after ``reduce_gradients`` (or after ZeRO's reduce-scatter, with ``shards``)."""
+    grads = [_local(p.grad) for name, p in model.named_parameters()
+             if p.grad is not None and counted_once(name, p, topo)]
+    return _all_ranks_norm(grads, topo)
+
+
+def _all_ranks_norm(grads: list[torch.Tensor], topo: Topology) -> torch.Tensor:
+    """sqrt of the sum over all ranks of this rank's ``grads``' squared norms (float64)."""
     total = torch.zeros((), dtype=torch.float64, device=topo.device)
-    for name, p in model.named_parameters():
-        if p.grad is not None and _counted_once(name, p, topo):
-            total += _local(p.grad).double().pow(2).sum()
+    if grads:
+        total += torch.stack(torch._foreach_norm(grads, 2.0)).double().pow(2).sum()
     if topo.distributed:
         dist.all_reduce(total)
     return total.sqrt()
@@ -131,11 +137,17 @@ def range_norm_sq(params, numels, values: torch.Tensor, start: int, stop: int, t
 
 
 class PlainAdamW:
-    """Unsharded AdamW behind the same interface as ``ShardedAdamW``."""
+    """Unsharded AdamW behind the same interface as ``ShardedAdamW`` (one process, or every rank
+    holding the whole optimizer state)."""
 
     def __init__(self, model: nn.Module, named_groups: list[dict], topo: Topology, betas, eps):
         self.model, self.topo = model, topo
-        self.inner = torch.optim.AdamW(named_groups, betas=betas, eps=eps)
+        params = [p for g in named_groups for p in g["params"]]
+        # The fused kernel updates all tensors in one pass (on a CPU the per-tensor loop cost ~0.3 s a step
+        # for the 63M-parameter demo model); DTensor parameters take the default implementation.
+        fused = bool(params) and not any(hasattr(p, "placements") for p in params) and \
+            all(p.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16) for p in params)
+        self.inner = torch.optim.AdamW(named_groups, betas=betas, eps=eps, fused=fused or None)
         self.param_groups = self.inner.param_groups
 
     def zero_grad(self, set_to_none: bool = True) -> None:

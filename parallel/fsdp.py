@@ -29,7 +29,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from keyetron.model.keye import KeyeVLModel
-from keyetron.parallel.data_parallel import VISION_MODULES, PlainAdamW, reduce_gradients
+from keyetron.parallel.data_parallel import PlainAdamW, counted_once, reduce_gradients
 from keyetron.parallel.topology import Topology
 
 FSDP_DIM = "dp_cp"  # name of the flattened ("dp", "cp") mesh dim
@@ -48,6 +48,9 @@ def apply_fsdp(model: KeyeVLModel, topo: Topology) -> None:
     """Shard ``model.llm`` in place with FSDP2 over dp x cp (after tensor parallelism, before
     building the optimizer). The ViT and projector stay replicated."""
     llm = model.llm
+    if llm is None:
+        raise ValueError("parallel.sharding: fsdp2 shards the LLM and this model has none (a ViT-only objective); "
+                         "use zero1 or none")
     if isinstance(llm, FSDPModule):
         raise ValueError("FSDP2 is already applied to this model (ParallelEngine(sharding='fsdp2') applies it; "
                          "do not call apply_fsdp before it)")
@@ -65,10 +68,10 @@ def apply_fsdp(model: KeyeVLModel, topo: Topology) -> None:
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)
     # FSDP picks its root (shared communication state, backward bookkeeping) lazily, in the
-    # first forward of the root module. The engine never calls ``llm.forward`` (there is
-    # none): it calls ``embed_tokens``, ``decode`` and the head directly, and each then
-    # runs as its own iteration's forward root under the LLM's root state, the case FSDP
-    # supports for submodule-only forwards. So the root is made here, before any of them runs.
+    # first forward of the root module. The model calls ``embed_tokens`` before ``llm.forward``
+    # and the objective calls the head after it; each then runs as its own iteration's
+    # forward root under the LLM's root state, the case FSDP supports for submodule-only
+    # forwards. So the root is made here, before any of them runs.
     llm._get_fsdp_state()._lazy_init()
 
 
@@ -83,18 +86,16 @@ def fsdp_grad_norm(model: nn.Module, topo: Topology) -> torch.Tensor:
     """The 2-norm of the full-model gradient under FSDP2, every value counted once: an LLM
     gradient shard lives on one dp x cp rank (TP-replicated ones on every TP rank: counted
     on TP rank 0); a vision gradient, after the all-reduce, on every rank (counted once)."""
-    total = torch.zeros((), dtype=torch.float64, device=topo.device)
-    first_vit_replica = topo.dp_rank == 0 and topo.cp_rank == 0 and topo.tp_rank == 0
+    grads = []
     for name, p in model.named_parameters():
         if p.grad is None:
             continue
-        if name.split(".")[0] in VISION_MODULES:
-            counted = first_vit_replica
-        else:
-            counted = _tp_sharded(p) or topo.tp_rank == 0
+        counted = (_tp_sharded(p) or topo.tp_rank == 0) if name.startswith("llm.") else counted_once(name, p, topo)
         if counted:
-            g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
-            total += g.double().pow(2).sum()
+            grads.append(p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad)
+    total = torch.zeros((), dtype=torch.float64, device=topo.device)
+    if grads:
+        total += torch.stack(torch._foreach_norm(grads, 2.0)).double().pow(2).sum()
     if topo.distributed:
         dist.all_reduce(total)
     return total.sqrt()
@@ -110,7 +111,7 @@ class FSDPAdamW(PlainAdamW):
 
     def __init__(self, model: nn.Module, named_groups: list[dict], topo: Topology, betas, eps):
         super().__init__(model, named_groups, topo, betas, eps)
-        self._llm_names = {n for n, _ in model.named_parameters() if n.split(".")[0] not in VISION_MODULES}
+        self._llm_names = {n for n, _ in model.named_parameters() if n.startswith("llm.")}
 
     def reduce_and_norm(self) -> torch.Tensor:
         reduce_gradients(self.model, self.topo, skip=self._llm_names)

@@ -1,45 +1,38 @@
 """Pipeline parallelism of Keye with ``torch.distributed.pipelining``.
 
-Stage 0 holds the ViT, the projector and the token embedding (plus its share of decoder
-layers); the last stage holds the final norm, the head and the loss. The decoder layers are
-split into contiguous chunks, ``virtual`` chunks per rank for the interleaved schedule
-(rank r holds stages r, r + pp, r + 2pp, ...).
+A stage is the model with the parts it does not hold removed (torchtitan's way): stage 0
+holds the ViT, the projector and the token embedding (plus its share of decoder layers),
+the last stage the final norm and the head, every stage a contiguous chunk of decoder
+layers under their single-process names. ``hold_stages`` prunes a rank's model to its
+stages; with several (virtual) stages per rank, each stage runs a view of that model
+holding only its own layers (``stage_view``). Every stage runs ``KeyeVLModel.forward``.
 
-Only activations travel through the pipe. Per-micro-batch metadata (3D positions, the
-document boundaries or context-parallel plan, targets) never does: every stage of a
-pipeline group holds the step's rows and derives it itself (``prepare``). Forward calls on
-a stage come in micro-batch order under every schedule used here (GPipe, 1F1B,
-interleaved 1F1B), so a stage finds a call's micro-batch by counting its calls. Packed
-rows give every micro-batch the same activation shape, which the stages declare up front
-(static shapes: no shape-inference pass).
+Only activations travel through the pipe. The batch of each micro-batch (this rank's
+``LocalRow``: 3D positions, document boundaries or context-parallel plan, targets on the
+last stage) never does: every stage holds the step's rows (``Pipeline.run``). Stage 0 is
+given the micro-batch index; later stages' forward calls come in micro-batch order under
+every schedule used here (GPipe, 1F1B, interleaved 1F1B), so a stage finds a call's
+micro-batch by counting its calls. Packed rows give every micro-batch the same activation
+shape, which the stages declare up front (static shapes: no shape-inference pass).
 
-The loss of each micro-batch is its summed token loss divided by the step's global
-loss-token count, and the schedule's gradient scaling is off, so the accumulated gradient
-equals the single-process gradient.
+The last stage's ``ModelOutput`` goes to the caller's loss function with the micro-batch
+index; the schedule's gradient scaling is off (the caller divides by the step's global
+count), so the accumulated gradient equals the single-process gradient.
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
-from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from keyetron.data.batch import PackedBatch
-from keyetron.model.keye import KeyeVLModel
+from keyetron.flops import FlopCounter
+from keyetron.model.keye import KeyeVLModel, ModelOutput
+from keyetron.model.llm import DecoderLayers
+from keyetron.parallel.config import SCHEDULES
 from keyetron.parallel.topology import Topology
-from keyetron.train.flops import FlopCounter
-
-SCHEDULES = ("gpipe", "1f1b", "interleaved")
-
-
-class AbsentLayer(nn.Module):
-    """Stands in for a decoder layer held by another stage, so layer names keep their index."""
-
-    def forward(self, *args):
-        raise RuntimeError("this decoder layer lives on another pipeline stage")
-
 
 def split_layers(num_layers: int, n_stages: int, first_stage_extra: float = 0.0) -> list[list[int]]:
     """Contiguous layer chunks, balanced when stage 0 also carries ``first_stage_extra``
@@ -74,32 +67,48 @@ def vit_layer_equivalents(model_cfg, row_tokens: int, visual_fraction: float = 0
     return (vision.vit + vision.projector) / per_layer if per_layer else 0.0
 
 
-def prune_to_stages(model: KeyeVLModel, keep_layers: set[int], first: bool, last: bool) -> None:
-    """Drop what this rank's stages do not hold; parameter names of the rest are unchanged."""
-    if not first:
+def hold_stages(model: KeyeVLModel, layers: list[list[int]], stages: list[int]) -> None:
+    """Prune ``model`` in place to what ``stages`` hold (``layers``: decoder layers per stage);
+    parameter names of the rest are unchanged."""
+    keep = {i for s in stages for i in layers[s]}
+    if 0 not in stages:
         model.vit = None
         model.projector = None
         model.llm.embed_tokens = None
-    if not last:
+    if len(layers) - 1 not in stages:
         model.llm.norm = None
         model.llm.lm_head = None
-    for i in range(len(model.llm.layers)):
-        if i not in keep_layers:
-            model.llm.layers[i] = AbsentLayer()
+    for i in model.llm.layers.indices():
+        if i not in keep:
+            del model.llm.layers[i]
 
 
-class KeyeStage(nn.Module):
-    """One pipeline stage: a chunk of decoder layers, with the embedding on stage 0 and the
-    final norm on the last stage. ``prepare(rows)`` before each schedule step."""
+def stage_view(model: KeyeVLModel, layers: list[int], first: bool, last: bool) -> KeyeVLModel:
+    """A model holding ``layers`` (and the embedding / the head when ``first`` / ``last``) that
+    shares every module and parameter with ``model``: one stage of a rank with several."""
+    view = copy.copy(model)
+    view._modules = dict(model._modules)
+    llm = copy.copy(model.llm)
+    llm._modules = dict(model.llm._modules)
+    llm.layers = DecoderLayers({i: model.llm.layers[i] for i in layers})
+    if not first:
+        view.vit = view.projector = None
+        llm.embed_tokens = None
+    if not last:
+        llm.norm = llm.lm_head = None
+    view.llm = llm
+    return view
 
-    def __init__(self, model: KeyeVLModel, topo: Topology, stage_index: int, n_stages: int, layers: list[int]):
+
+class StageModule(nn.Module):
+    """One stage as ``PipelineStage`` runs it: the stage's model applied to the step's batches."""
+
+    def __init__(self, model: KeyeVLModel, stage_index: int, n_stages: int):
         super().__init__()
-        self.model, self.topo = model, topo
+        self.model = model
         self.stage_index, self.n_stages = stage_index, n_stages
-        self.layer_ids = layers
-        self.blocks = nn.ModuleList(model.llm.layers[i] for i in layers)
-        self._contexts: list = []
-        self._rows: list[PackedBatch] = []
+        self.batches: list = []
+        self.outputs: dict[int, ModelOutput] = {}  # last stage: micro-batch -> the model's output
         self._calls = 0
 
     @property
@@ -110,62 +119,47 @@ class KeyeStage(nn.Module):
     def is_last(self) -> bool:
         return self.stage_index == self.n_stages - 1
 
-    def prepare(self, rows: list[PackedBatch], contexts: list) -> None:
-        self._rows, self._contexts, self._calls = rows, contexts, 0
+    def prepare(self, batches: list) -> None:
+        self.batches, self.outputs, self._calls = batches, {}, 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from keyetron.parallel.engine import embed_row  # the engine imports this module
-
         k = self._calls
         self._calls += 1
-        assert k < len(self._contexts), "more forward calls than micro-batches: prepare() the step first"
-        context = self._contexts[k]
-        _plan, local, attention = context
+        assert k < len(self.batches), "more forward calls than micro-batches: prepare() the step first"
         if self.is_first:
-            x = embed_row(self.model, self._rows[k], self.topo, context).hidden
-        llm = self.model.llm
-        cos, sin = llm.rope(local.position_ids, x.dtype)
-        for block in self.blocks:
-            x = block(x, cos, sin, attention)
+            assert int(x) == k, (int(x), k)  # stage 0 is given the micro-batch index
+            out = self.model(self.batches[k])
+        else:
+            out = self.model(self.batches[k], hidden=x)
         if self.is_last:
-            x = llm.norm(x)
-            x = x.to_local() if isinstance(x, DTensor) else x
-        return x
+            self.outputs[k] = out
+            return out.hidden
+        return out
 
 
 class Pipeline:
-    """The stages of this rank and the schedule that runs them."""
+    """The stages of this rank (its model already pruned by ``hold_stages``) and the schedule."""
 
-    def __init__(self, model: KeyeVLModel, topo: Topology, n_microbatches: int, local_tokens: int,
-                 schedule: str = "1f1b", virtual: int = 1, layers: list[list[int]] | None = None,
-                 loss_fn=None, dtype: torch.dtype = torch.float32):
+    def __init__(self, model: KeyeVLModel, topo: Topology, layers: list[list[int]], n_microbatches: int,
+                 activation_shape: tuple[int, int], schedule: str = "1f1b", virtual: int = 1,
+                 dtype: torch.dtype = torch.float32):
         if schedule not in SCHEDULES:
             raise ValueError(f"pipeline schedule {schedule!r} is not one of {list(SCHEDULES)}")
-        if virtual > 1 and schedule != "interleaved":
-            raise ValueError(f"virtual stages ({virtual}) need the 'interleaved' schedule")
         pp = topo.dims.pp
         n_stages = pp * virtual
         if n_microbatches < pp:
             raise ValueError(f"a pipeline of {pp} stages needs at least {pp} micro-batches (packed rows) per step "
                              f"and data-parallel rank, got {n_microbatches}: raise train.grad_accum")
-        cfg = model.cfg
-        if layers is None:
-            layers = split_layers(cfg.text.num_layers, n_stages, vit_layer_equivalents(cfg, local_tokens))
-        assert len(layers) == n_stages and sorted(i for c in layers for i in c) == list(range(cfg.text.num_layers))
         self.layers = layers
         mine = [topo.pp_rank + pp * v for v in range(virtual)]
-        keep = {i for s in mine for i in layers[s]}
-        prune_to_stages(model, keep, first=0 in mine, last=n_stages - 1 in mine)
-        sp = getattr(model, "sequence_parallel", False)
-        shard_tokens = local_tokens // topo.dims.tp if sp else local_tokens
         # requires_grad is part of the declared metadata: activations carry gradients back.
-        example = torch.empty(shard_tokens, cfg.text.hidden_size, dtype=dtype, device=topo.device,
-                              requires_grad=True)
+        example = torch.empty(activation_shape, dtype=dtype, device=topo.device, requires_grad=True)
         index = torch.zeros(1, 1, dtype=torch.long, device=topo.device)
-        self.stages: list[KeyeStage] = []
+        self.stages: list[StageModule] = []
         pipe_stages = []
         for s in mine:
-            stage = KeyeStage(model, topo, s, n_stages, layers[s])
+            view = model if virtual == 1 else stage_view(model, layers[s], s == 0, s == n_stages - 1)
+            stage = StageModule(view, s, n_stages)
             self.stages.append(stage)
             # Shapes declared up front (static mode); gradients have the activations' shapes.
             pipe_stages.append(PipelineStage(stage, s, n_stages, topo.device,
@@ -174,35 +168,31 @@ class Pipeline:
                                              input_grads=(None,) if s == 0 else (example,),
                                              output_grads=(example,), group=topo.group("pp")))
         self.pipe_stages = pipe_stages  # torch's stage objects (keyetron bench layouts times their chunks)
-        self.local_tokens = local_tokens
         self.n_microbatches = n_microbatches
+        self.device = topo.device
+        # loss_fn(last stage output, micro-batch index) -> the micro-batch's loss; set by the engine
+        self.loss_fn = None
+
+        def loss_fn(out, index):
+            return self.loss_fn(out, index)
+
         if schedule == "interleaved":
             self.schedule = ScheduleInterleaved1F1B(pipe_stages, n_microbatches, loss_fn=loss_fn, scale_grads=False)
         else:
             cls = Schedule1F1B if schedule == "1f1b" else ScheduleGPipe
             self.schedule = cls(pipe_stages[0], n_microbatches, loss_fn=loss_fn, scale_grads=False)
         self.has_first = any(s.is_first for s in self.stages)
-        self.has_last = any(s.is_last for s in self.stages)
+        self.last_stage = next((s for s in self.stages if s.is_last), None)
 
-    def run(self, rows: list[PackedBatch], contexts: list, targets: torch.Tensor) -> list[torch.Tensor]:
-        """Forward and backward of all micro-batches; the last stage's per-micro-batch losses."""
-        assert len(rows) == self.n_microbatches, (len(rows), self.n_microbatches)
+    def run(self, batches: list) -> None:
+        """Forward and backward of all micro-batches (``batches``: this rank's ``LocalRow`` of each);
+        the loss function gets each last-stage output tensor and its micro-batch index."""
+        assert len(batches) == self.n_microbatches, (len(batches), self.n_microbatches)
         for stage in self.stages:
-            stage.prepare(rows, contexts)
-        losses: list[torch.Tensor] = []
-        args = (torch.arange(len(rows), device=self.stages[0].topo.device).view(-1, 1),) if self.has_first else ()
-        kwargs = {"target": targets, "losses": losses} if self.has_last else {}
+            stage.prepare(batches)
+        args = (torch.arange(len(batches), device=self.device).view(-1, 1),) if self.has_first else ()
+        kwargs = {"target": torch.arange(len(batches), device=self.device)} if self.last_stage is not None else {}
         self.schedule.step(*args, **kwargs)
-        return losses
-
-
-def wrap_for_loss(out: torch.Tensor, model: KeyeVLModel, topo: Topology) -> torch.Tensor:
-    """The last stage's plain output as the DTensor the vocabulary-parallel loss expects."""
-    if topo.dims.tp == 1:
-        return out
-    sp = getattr(model, "sequence_parallel", False)
-    mesh = model.llm.lm_head.weight.device_mesh
-    return DTensor.from_local(out, mesh, [Shard(0) if sp else Replicate()], run_check=False)
 
 
 def fixed_local_tokens(row_tokens: int, topo: Topology, sequence_parallel: bool) -> int:
@@ -216,5 +206,5 @@ def fixed_local_tokens(row_tokens: int, topo: Topology, sequence_parallel: bool)
     return math.ceil(base / multiple) * multiple
 
 
-__all__ = ["AbsentLayer", "KeyeStage", "Pipeline", "SCHEDULES", "fixed_local_tokens", "prune_to_stages",
-           "split_layers", "vit_layer_equivalents", "wrap_for_loss"]
+__all__ = ["Pipeline", "StageModule", "fixed_local_tokens", "hold_stages", "split_layers", "stage_view",
+           "vit_layer_equivalents"]

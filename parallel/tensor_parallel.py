@@ -12,11 +12,15 @@ Between modules the residual stream is a plain tensor in THD layout (no batch di
 - sequence parallel on: this rank's contiguous 1/tp of the row's tokens, ``(T/tp, H)``;
   the norms run on that shard, attention and MLP all-gather the full ``(T, H)`` on entry
   and reduce-scatter on exit. RoPE and ``cu_seqlens`` describe the full row, because
-  attention always runs on all tokens (with 1/tp of the heads).
+  attention always runs on all tokens (with 1/tp of the heads). The embedding gives every
+  rank the full row (the model places the visual features into it), the first decoder
+  layer takes the rank's shard (Megatron's scatter for multimodal inputs), and the final
+  norm's output is gathered again, so the model's output holds every token on every rank.
 - sequence parallel off: the full ``(T, H)`` on every rank.
 
-``llm.decode`` returns a DTensor (``Shard(0)`` or ``Replicate``) so the loss, and tests,
-know which tokens they hold (``.full_tensor()`` gives the whole row).
+The output head is vocabulary-parallel (``VocabParallelHead``): each rank computes the
+logits of its vocabulary slice, and ``token_logprobs`` reduces the softmax over the slices
+without materialising full-vocabulary logits.
 
 KV heads: with ``num_kv_heads % tp == 0`` they are split like the query heads. With
 ``tp % num_kv_heads == 0`` (e.g. Qwen3-8B's 8 KV heads at TP16) each rank needs one KV head
@@ -43,9 +47,7 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from keyetron.data.batch import IGNORE_INDEX
 from keyetron.model.config import TextConfig
-from keyetron.model.keye import LossOutput
 from keyetron.model.llm import Qwen3LM
 
 
@@ -145,17 +147,18 @@ class VocabParallelEmbedding(nn.Module):
         outside = (ids < 0) | (ids >= w.shape[0])
         partial = F.embedding(ids.masked_fill(outside, 0), w).masked_fill(outside.unsqueeze(-1), 0)
         out = DTensor.from_local(partial, self.mesh, [Partial()], run_check=False)
-        return out.redistribute(self.mesh, [self.output_layout]).to_local()  # (T/tp or T, H)
+        return out.redistribute(self.mesh, [self.output_layout]).to_local()  # (T, H) or (T/tp, H)
 
 
 def apply_tensor_parallel(llm: Qwen3LM, tp_mesh, *, sequence_parallel: bool = True) -> None:
-    """Shard ``llm`` in place over the 1-D ``tp_mesh`` (``topo.submesh("tp")``).
+    """Shard ``llm`` in place over the 1-D ``tp_mesh`` (``topo.submesh("tp")``); the parts a
+    pipeline stage does not hold (None) are skipped.
 
     Every rank must build the same model first (same seed or checkpoint); replicated and
-    sharded parameters are taken from TP rank 0. Under sequence parallelism the row length
-    must be a multiple of tp (the caller pads, with IGNORE_INDEX targets), and every rank
-    passes its token shard of the hidden states but the full row's positions, cu_seqlens
-    and targets. The loss must be computed with ``vocab_parallel_loss``.
+    sharded parameters are taken from TP rank 0. Every rank passes the full row (token ids,
+    positions, cu_seqlens); under sequence parallelism its length must be a multiple of tp
+    (the caller pads, with IGNORE_INDEX targets). ``llm.lm_head`` becomes a
+    ``VocabParallelHead``.
     """
     cfg, tp = llm.cfg, tp_mesh.size()
     replicate_kv = kv_heads_replicated(cfg, tp)
@@ -164,17 +167,19 @@ def apply_tensor_parallel(llm: Qwen3LM, tp_mesh, *, sequence_parallel: bool = Tr
                          "(the embedding and head are split on the vocabulary)")
     seq = Shard(0) if sequence_parallel else Replicate()
 
-    llm.embed_tokens = VocabParallelEmbedding(llm.embed_tokens, tp_mesh, seq)
-    parallelize_module(llm, tp_mesh, {
-        "norm": ReplicatedParams(seq, use_local_output=False),
-        "lm_head": ColwiseParallel(input_layouts=Replicate(), output_layouts=Shard(-1), use_local_output=True),
-    })
-    if cfg.tie_word_embeddings:  # both are split on the vocabulary dim (Shard(0)): share one DTensor again
-        llm.lm_head.weight = llm.embed_tokens.weight
+    if llm.embed_tokens is not None:
+        llm.embed_tokens = VocabParallelEmbedding(llm.embed_tokens, tp_mesh, Replicate())
+    if llm.norm is not None:
+        parallelize_module(llm.norm, tp_mesh, ReplicatedParams(seq))
+        if sequence_parallel:
+            llm.norm.register_forward_hook(_gather_tokens(tp_mesh))
+    if llm.lm_head is not None:
+        tied = cfg.tie_word_embeddings and llm.embed_tokens is not None
+        llm.lm_head = VocabParallelHead(llm.lm_head, tp_mesh, llm.embed_tokens.weight if tied else None)
 
     layer_plan = {
         "input_layernorm": ReplicatedParams(seq),
-        # x arrives as this rank's tokens (or all of them) and leaves as all tokens; RoPE and cu_seqlens pass through.
+        # x arrives as this rank's tokens (or all of them) and leaves as all tokens; RoPE and the batch pass through.
         "self_attn": PrepareModuleInput(input_layouts=(seq, None, None, None),
                                         desired_input_layouts=(Replicate(), None, None, None)),
         "self_attn.q_proj": ColwiseParallel(),
@@ -194,25 +199,87 @@ def apply_tensor_parallel(llm: Qwen3LM, tp_mesh, *, sequence_parallel: bool = Tr
         layer_plan["self_attn.v_proj"] = ColwiseParallel()
     # Query heads [r*H/tp, (r+1)*H/tp) read KV head r // (tp/num_kv_heads) when KV is replicated.
     kv_head = tp_mesh.get_local_rank() // max(tp // cfg.num_kv_heads, 1)
-    for layer in llm.layers:
+    for index in llm.layers.indices():
+        layer = llm.layers[index]
         parallelize_module(layer, tp_mesh, layer_plan)
         if replicate_kv:
             attn = layer.self_attn
             attn.k_proj = KVHeadProjection(attn.k_proj, tp_mesh, kv_head, cfg.head_dim)
             attn.v_proj = KVHeadProjection(attn.v_proj, tp_mesh, kv_head, cfg.head_dim)
         if sequence_parallel:
-            layer.register_forward_pre_hook(_check_token_shard(tp))
+            # The first layer takes the full embeddings and keeps this rank's shard; later layers check it.
+            layer.register_forward_pre_hook(_scatter_tokens(tp_mesh) if index == 0 else _check_token_shard(tp))
+
+
+def _shard_error(tp: int, got: int, row: int) -> ValueError:
+    return ValueError(
+        f"sequence parallel over {tp} ranks: this rank's hidden states have {got} tokens but the row's "
+        f"positions have {row}; pad the packed row to a multiple of {tp} tokens (IGNORE_INDEX targets) "
+        "and pass every rank the full row")
 
 
 def _check_token_shard(tp: int):
     def check(layer, args):
         x, cos = args[0], args[1]
         if x.shape[0] * tp != cos.shape[0]:
-            raise ValueError(
-                f"sequence parallel over {tp} ranks: this rank's hidden states have {x.shape[0]} tokens but "
-                f"the row's positions have {cos.shape[0]}; pad the packed row to a multiple of {tp} tokens "
-                "(IGNORE_INDEX targets) and pass each rank its 1/tp token shard with the full row's positions")
+            raise _shard_error(tp, x.shape[0], cos.shape[0])
     return check
+
+
+def _scatter_tokens(mesh):
+    """Pre-hook of the first decoder layer: the full (T, H) embeddings -> this rank's (T/tp, H)
+    shard; backward all-gathers the shards' gradients."""
+    tp = mesh.size()
+
+    def scatter(layer, args):
+        x, cos = args[0], args[1]
+        if x.shape[0] % tp or x.shape[0] != cos.shape[0]:
+            raise _shard_error(tp, -(-x.shape[0] // tp), cos.shape[0])
+        shard = DTensor.from_local(x, mesh, [Replicate()], run_check=False).redistribute(mesh, [Shard(0)]).to_local()
+        return (shard, *args[1:])
+    return scatter
+
+
+def _gather_tokens(mesh):
+    """Forward hook of the final norm: this rank's (T/tp, H) shard -> the full (T, H) on every rank."""
+    def gather(norm, args, out):
+        return DTensor.from_local(out, mesh, [Shard(0)], run_check=False).redistribute(mesh, [Replicate()]).to_local()
+    return gather
+
+
+class VocabParallelHead(nn.Module):
+    """The output head split on the vocabulary over the TP mesh (``OutputHead``'s interface).
+
+    Its input is the same on every TP rank (the model's output holds every token there);
+    ``logits`` are this rank's vocabulary slice ``(N, V/tp)``, and the input gradient is
+    summed over the ranks (each slice contributes its part). Tied to the embedding, it
+    shares the embedding's vocabulary-split weight.
+    """
+
+    def __init__(self, head: nn.Linear, mesh, tied_weight: torch.Tensor | None = None):
+        super().__init__()
+        assert head.bias is None, "the Qwen3 head has no bias"
+        if tied_weight is not None:
+            self.weight = tied_weight
+        else:
+            self.weight = nn.Parameter(distribute_tensor(head.weight.detach(), mesh, [Shard(0)]),
+                                       requires_grad=head.weight.requires_grad)
+        self.mesh = mesh
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        # Identity forward; backward sums the partial input gradients of the vocabulary slices.
+        x = DTensor.from_local(hidden, self.mesh, [Replicate()], run_check=False).to_local(grad_placements=[Partial()])
+        return F.linear(x, self.weight.to_local())
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(N, H) -> (N, V/tp): this rank's vocabulary slice."""
+        return self(hidden)
+
+    def token_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """log p(targets) over the whole vocabulary, (N,) in at least fp32, the same on every TP rank."""
+        logits = self(hidden)
+        vocab_start = self.mesh.get_local_rank() * logits.shape[-1]
+        return _VocabParallelLogProb.apply(logits, targets, vocab_start, self.mesh.get_group())
 
 
 @torch.no_grad()
@@ -229,12 +296,12 @@ def reduce_tp_partial_grads(module: nn.Module) -> None:
             p.grad = g.redistribute(placements=p.placements)
 
 
-class _VocabParallelCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of logits split on the vocabulary over ``group`` (Megatron's recipe).
+class _VocabParallelLogProb(torch.autograd.Function):
+    """log p(target) per row from logits split on the vocabulary over ``group`` (Megatron's recipe).
 
-    Three all-reduces of (N,) vectors (max, then target logit and sum of exponentials)
-    replace gathering (N, V) logits. The loss is the same on every TP rank, so each rank's
-    logit shard receives its gradient (softmax - one_hot) once, with no communication.
+    Two all-reduces of (N,) vectors (the max, then the sum of exponentials with the target
+    logit) replace gathering (N, V) logits. The result is the same on every TP rank, so each
+    rank's logit slice receives its gradient (one_hot - softmax) with no communication.
     """
 
     @staticmethod
@@ -250,39 +317,18 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         sums = torch.stack([exp.sum(dim=-1), local.gather(1, t[:, None]).squeeze(1) * mine])
         dist.all_reduce(sums, group=group)
         sum_exp, target_logit = sums
-        loss = (sum_exp.log() + top - target_logit).sum()
         ctx.save_for_backward(exp.div_(sum_exp[:, None]), t, mine)
         ctx.in_dtype = logits.dtype
-        return loss
+        return target_logit - top - sum_exp.log()
 
     @staticmethod
     def backward(ctx, grad):
         softmax, t, mine = ctx.saved_tensors
         rows = torch.arange(softmax.shape[0], device=softmax.device)
-        softmax[rows, t] -= mine.to(softmax.dtype)
-        return (softmax * grad).to(ctx.in_dtype), None, None, None
+        out = softmax.mul_(-grad[:, None])
+        out[rows, t] += mine.to(out.dtype) * grad
+        return out.to(ctx.in_dtype), None, None, None
 
 
-def vocab_parallel_loss(hidden: torch.Tensor, lm_head: nn.Linear, targets: torch.Tensor) -> LossOutput:
-    """Summed cross-entropy of the loss tokens with the vocabulary-split head (``KeyeVLModel.loss`` under TP).
-
-    ``hidden`` is ``llm.decode``'s output (a DTensor: the rank's token shard under sequence
-    parallelism, else all tokens); ``targets`` are the full row's ``(T,)``. Every TP rank
-    gathers the whole row's hidden states (one all-gather of (T, H), tiny next to the
-    head), keeps the tokens with a target, and computes (N, V/tp) logits for all of them,
-    so the returned loss is the full row's on every TP rank: count it once, not per TP rank.
-    """
-    mesh = lm_head.weight.device_mesh
-    full = hidden.redistribute(mesh, [Replicate()]).to_local() if isinstance(hidden, DTensor) else hidden
-    if full.shape[0] != targets.shape[0]:
-        raise ValueError(f"hidden states cover {full.shape[0]} tokens, targets {targets.shape[0]}: pass the "
-                         "full row's targets")
-    keep = targets != IGNORE_INDEX
-    logits = lm_head(full[keep])  # (N, V/tp): this rank's vocabulary slice
-    vocab_start = mesh.get_local_rank() * logits.shape[-1]
-    loss_sum = _VocabParallelCrossEntropy.apply(logits, targets[keep], vocab_start, mesh.get_group())
-    return LossOutput(loss_sum=loss_sum, num_tokens=keep.sum())
-
-
-__all__ = ["KVHeadProjection", "ReplicatedParams", "VocabParallelEmbedding", "apply_tensor_parallel", "kv_heads_replicated",
-           "reduce_tp_partial_grads", "vocab_parallel_loss"]
+__all__ = ["KVHeadProjection", "ReplicatedParams", "VocabParallelEmbedding", "VocabParallelHead",
+           "apply_tensor_parallel", "kv_heads_replicated", "reduce_tp_partial_grads"]

@@ -10,9 +10,13 @@ whole row. Nothing is encoded twice.
 Backward: each rank's gradient for the gathered features covers only what its part of the
 LLM used (its context-parallel slice of tokens), so the gradients are summed over the
 ranks that used different tokens and each rank keeps the slice of the items it encoded.
-Tensor-parallel ranks of one context slice hold identical full gradients for their
-(replicated) input, so they are not summed again: the sum runs over ``grad_group``,
-the context-parallel group.
+Tensor-parallel ranks of one context slice embed the same tokens and hold identical full
+gradients for them (sequence parallelism splits the tokens only after the embedding), so
+they are not summed again: the sum runs over ``grad_group``, the context-parallel group.
+
+``SharedVisionEncoder`` is what ``parallelize_keye`` installs as the model's
+``vision_encoder``: it encodes a ``LocalRow``'s items this way and returns the features of
+the visual tokens in the rank's slice.
 
 Under topology-aware loading (``keyetron.parallel.loading``) the rank that decoded a
 document's media already holds its pixels and nobody else does, so the row says who
@@ -24,7 +28,8 @@ import torch
 import torch.distributed as dist
 
 from keyetron.model.keye import KeyeVLModel
-from keyetron.parallel.collectives import all_gather_tensor
+from keyetron.backend.collectives import all_gather_tensor
+from keyetron.parallel.local_rows import LocalRow
 
 ATTENTION_PATCHES = 4096  # p at which attention costs as much as the linear layers (order of magnitude)
 
@@ -116,4 +121,24 @@ def encode_vision_shared(model: KeyeVLModel, pixel_values: torch.Tensor | None, 
     return torch.cat([gathered[token_starts[i]:token_starts[i] + patches[i] // merge] for i in range(len(patches))])
 
 
-__all__ = ["assign_items", "encode_vision_shared"]
+class SharedVisionEncoder:
+    """The model's ``vision_encoder`` when a rank group shares rows: each item encoded once in
+    ``group`` (by its owner, or shared out by cost), features gathered, and the features of the
+    visual tokens of this rank's slice returned in token order."""
+
+    def __init__(self, group, grad_group):
+        self.group, self.grad_group = group, grad_group
+
+    def __call__(self, model: KeyeVLModel, batch: LocalRow) -> torch.Tensor:
+        if not isinstance(batch, LocalRow):
+            raise TypeError(f"a model whose ViT is shared over ranks takes each rank's slice of a row (LocalRow, "
+                            f"from keyetron.parallel.local_rows.RowSlicer), got {type(batch).__name__}")
+        pixels = batch.pixel_values
+        if pixels is not None:
+            pixels = pixels.to(next(model.projector.parameters()).dtype)
+        features = encode_vision_shared(model, pixels, batch.vision_grid_thw, self.group, self.grad_group,
+                                        owners=batch.vision_owner)
+        return features if batch.visual_features is None else features[batch.visual_features.to(features.device)]
+
+
+__all__ = ["SharedVisionEncoder", "assign_items", "encode_vision_shared"]

@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from keyetron.parallel.collectives import all_gather_tensor, reduce_scatter_tensor
+from keyetron.backend.collectives import all_gather_tensor, reduce_scatter_tensor
 from keyetron.parallel.data_parallel import (ShardedAdamW, _all_reduce_coalesced, _local, range_norm_sq,
                                              scale_gradients)
 from keyetron.parallel.topology import Topology

@@ -9,8 +9,8 @@ import sys
 from keyetron.config import ConfigError
 from keyetron.data.sources import SourceError
 from keyetron.data.tokenizer import TokenizerError
-from keyetron.parallel.balance import CalibrationError
-from keyetron.train.checkpoint import CheckpointNotFound
+from keyetron.parallel.balancer import CalibrationError
+from keyetron.checkpoint import CheckpointNotFound
 
 
 def _model_info(args: argparse.Namespace) -> int:
@@ -65,8 +65,8 @@ def _data_make_demo(args: argparse.Namespace) -> int:
 
 
 def _bench_balance(args: argparse.Namespace) -> int:
-    from keyetron.bench.balance import format_report, run_bench
-    from keyetron.parallel.balance import CostModel
+    from keyetron.perf.balance import format_report, run_bench
+    from keyetron.parallel.balancer import CostModel
 
     model = CostModel.load(args.calibration) if args.calibration else CostModel.from_flops(args.config)
     report = run_bench(args.ranks, args.row_tokens, args.samples, args.seed, args.rows_per_rank, model)
@@ -75,19 +75,19 @@ def _bench_balance(args: argparse.Namespace) -> int:
 
 
 def _bench_layouts(args: argparse.Namespace) -> int:
-    from keyetron.bench.layouts import run
+    from keyetron.perf.layouts import run
 
     return run(args)
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from keyetron.bench.plan import run
+    from keyetron.perf.plan import run
 
     return run(args)
 
 
 def _bench_calibrate(args: argparse.Namespace) -> int:
-    from keyetron.bench.calibrate import calibrate, format_report
+    from keyetron.perf.calibrate import calibrate, format_report
 
     cal = calibrate(args.config, patches=args.patches, tokens=args.tokens, repeats=args.repeats,
                     llm_layers=args.llm_layers, heldout_rows=args.heldout_rows, seed=args.seed)
@@ -106,7 +106,7 @@ def _data_index(args: argparse.Namespace) -> int:
     from keyetron.data.sources import ConcatSource, open_source
     from keyetron.data.tokenizer import KeyeTokenizer
     from keyetron.model import load_model_config
-    from keyetron.parallel.balanced_loading import build_cost_index
+    from keyetron.data.cost_index import build_cost_index
     from keyetron.train.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.set)
@@ -123,7 +123,7 @@ def _data_index(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from keyetron.train.entry import layout_overrides, run
+    from keyetron.train.run import layout_overrides, run
     from keyetron.train.recipe import load_recipe
 
     return run(load_recipe(args.recipe, args.set + layout_overrides(args.tp, args.pp, args.cp, None)))
@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     lay.set_defaults(func=_bench_layouts)
 
     pl = sub.add_parser("plan", help="predicted memory and step time of every feasible layout, ranked "
-                        "(formulas: keyetron.bench.plan)")
+                        "(formulas: keyetron.perf.plan)")
     pl.add_argument("--model", required=True, help="a named model config (keye-8b, small, tiny) or a YAML path")
     pl.add_argument("--gpus", type=int, required=True)
     pl.add_argument("--seq", type=int, required=True, help="tokens per packed row (micro-batch)")

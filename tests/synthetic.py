@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from keyetron.data.batch import Document
+from keyetron.batch import Document
 from keyetron.model.config import KeyeConfig
-from keyetron.model.positions import compute_position_ids, llm_grids
+from keyetron.positions import compute_position_ids, llm_grids
 
 FRAME, FAST_START, FAST_END = 151669, 151670, 151671  # appended Keye tokens (test-only ids)
 
@@ -45,3 +45,29 @@ def make_document(cfg: KeyeConfig, gen: torch.Generator, text: int = 6, images: 
         n = int(grid.prod(dim=1).sum())
         pixels = torch.randn(n, cfg.vision.num_channels, p, p, generator=gen, dtype=torch.float64).to(dtype)
     return Document(input_ids, targets, pos, pixels, grid, sample_id)
+
+
+def accumulate_gradients(model, rows, device="cpu", autocast_dtype=None, objective=None) -> float:
+    """The single-process definition of a step's gradient: backward over ``rows`` one at a time,
+    each row's summed loss divided by the step's count of the objective's units (default: the
+    language-model objective, whose units are loss tokens); returns the summed loss."""
+    from keyetron.backend.device import autocast
+    from keyetron.objectives import LanguageModelObjective
+
+    objective = objective or LanguageModelObjective()
+    count = max(sum(objective.count(r) for r in rows), 1)
+    total = 0.0
+    for row in rows:
+        with autocast(device, autocast_dtype):
+            row = row.to(device)
+            loss = objective(model(row), row)
+        (loss.loss_sum / count).backward()
+        total += float(loss.loss_sum.detach())
+    return total
+
+
+def lm_loss(model, batch):
+    """The language-model objective on the model's output for ``batch``: summed loss and token count."""
+    from keyetron.objectives import LanguageModelObjective
+
+    return LanguageModelObjective()(model(batch), batch)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from keyetron.data.batch import IGNORE_INDEX, Document
+from keyetron.batch import IGNORE_INDEX, Document
 from keyetron.data.errors import MediaError
 from keyetron.data.image import (MAX_SOURCE_PIXELS, PATCH, image_size, load_image, normalise, patchify, probe_image,
                                  resize_rgb)
@@ -36,7 +36,7 @@ from keyetron.data.sources import SampleSource
 from keyetron.data.tokenizer import KeyeTokenizer
 from keyetron.data.video import probe_video
 from keyetron.model.config import KeyeConfig
-from keyetron.model.positions import compute_position_ids, llm_grids
+from keyetron.positions import compute_position_ids, llm_grids
 
 log = logging.getLogger("keyetron.data")
 

@@ -1,33 +1,34 @@
-"""The packed-row loader: shuffled records -> documents -> best-fit rows, resumable exactly.
+"""The one loader: the batches of each training step for this process.
 
-Records are visited in a fresh permutation each epoch (seeded by ``seed`` and the epoch),
-built into documents (bad samples become counted skips) and streamed through a
-``RowPacker``. The order is global: the epochs' permutations, one after another, form one
-stream of *positions* (position ``p`` is record ``epoch_order(p // n)[p % n]``), and
-data-parallel reader ``r`` of ``D`` takes positions ``r, r + D, r + 2D, ...``. Every record
-is read once per epoch by exactly one reader, whatever the readers' speeds.
+``Loader`` is what the trainer reads steps from, for every objective and layout. It is put
+together from rules passed in:
 
-The loader's position is plain data: the epoch, the next position (``cursor``, advancing by
-the stride ``D``; after a resize first a ``queue`` of leftover positions), the record
-indices of the documents waiting in the packer's buffer, and the rows already packed but
-not yet handed out. ``load_state_dict`` refetches those few documents and continues with
-exactly the rows an uninterrupted run would have produced. ``reshard_loader_states`` turns
-the states of ``D`` readers into states for ``D'`` readers that read every remaining
-sample exactly once.
+- the **assignment rule** decides which records a step takes on this data-parallel rank and
+  how they become batches: ``StreamingRows`` (a global order strided over the ranks,
+  best-fit packing; ``keyetron.data.streaming_rows``), ``BalancedRows`` (every step's
+  samples dealt to ranks and rows by predicted ViT + LLM cost;
+  ``keyetron.parallel.balanced_rows``) or ``PairBatches`` (image-caption pairs for the
+  contrastive objective; ``keyetron.data.pairs``). Each keeps its position as plain data
+  (``state_dict``), resumes exactly and reshards the states of one data-parallel size to
+  another (``reshard_states``) without losing or repeating a sample;
+- the **ownership rule** decides which process opens a record and decodes its media: this
+  one (``LocalReader``), or one owner in a rank group that shares its rows
+  (``keyetron.parallel.loading.GroupReader``: topology-aware reading);
+- the **feed**, under a parallel layout (``keyetron.parallel.loading.TopologyFeed``): stage 0
+  marks which rank of its row group holds each visual item's pixels and sends each step's
+  row metadata to the later pipeline stages, which read nothing.
+
+``keyetron.parallel.loading.build_loader`` chooses them from the recipe and the topology.
 """
 from __future__ import annotations
 
-import itertools
-from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from keyetron.data.batch import Document, PackedBatch
-from keyetron.data.dataset import SampleDataset, Skip, SkipLog
-from keyetron.data.packing import PADDING_SAMPLE_ID, PIECE_SEPARATOR, DEFAULT_PAD_TOKEN_ID, OversizePolicy, \
-    RowPacker, build_row, split_document
+from keyetron.batch import Document
+from keyetron.data.packing import OversizePolicy
 
 
 @dataclass
@@ -76,217 +77,83 @@ def epoch_order(indices: Sequence[int], cfg: LoaderConfig, epoch: int) -> list[i
     return [indices[i] for i in torch.randperm(len(indices), generator=gen).tolist()]
 
 
-def _original_id(sample_id: str) -> str:
-    original, sep, k = sample_id.rpartition(PIECE_SEPARATOR)
-    return original if sep and k.isdigit() else sample_id
+class EpochOrder:
+    """The records of every epoch, one after another, as one stream of positions: position
+    ``p`` is record ``epoch_order(indices, cfg, p // n)[p % n]`` (the current epoch's order cached)."""
 
+    def __init__(self, indices: Sequence[int], cfg: LoaderConfig):
+        self.indices, self.cfg = list(indices), cfg
+        self._cached: tuple[int, list[int]] | None = None
 
-class PackedLoader:
-    """Infinite iterator of packed rows over ``dataset`` (or the records ``indices`` of it),
-    as data-parallel reader ``dp_rank`` of ``dp_size`` (see the module docstring)."""
+    def __len__(self) -> int:
+        return len(self.indices)
 
-    def __init__(self, dataset: SampleDataset, cfg: LoaderConfig, indices: Sequence[int] | None = None,
-                 pad_token_id: int = DEFAULT_PAD_TOKEN_ID, dp_rank: int = 0, dp_size: int = 1,
-                 documents: Callable[[list[int]], list[Document | None]] | None = None, fetch_size: int = 1):
-        """``documents``: builds the documents of several record indices at once (None for a
-        skip); the default builds them here, one by one. Topology-aware loading passes one
-        that shares the work out over a rank group (``keyetron.parallel.loading``).
-        ``fetch_size``: records fetched per call (the rows are the same for any value)."""
-        self.dataset = dataset
-        self._fetch = documents or (lambda indices: [dataset.document(i) for i in indices])
-        self.fetch_size = max(1, fetch_size)
-        self.cfg = cfg
-        self.indices = list(range(len(dataset))) if indices is None else list(indices)
-        if not self.indices:
-            raise ValueError(f"no records to load from {dataset.source.name}")
-        if not 0 <= dp_rank < dp_size <= len(self.indices):
-            raise ValueError(f"data-parallel reader {dp_rank} of {dp_size} over {len(self.indices)} records of "
-                             f"{dataset.source.name}: every reader needs at least one record per epoch")
-        self.pad_token_id = pad_token_id
-        self.stride = dp_size
-        self.epoch = 0
-        self.cursor = dp_rank  # the next position of the global order this reader takes
-        self.queue: deque[int] = deque()  # positions taken before ``cursor``, left over from a resize
-        self._order: tuple[int, list[int]] | None = None  # (epoch, epoch_order(epoch)) cached
-        self._packer = self._new_packer()
-        self._pending: deque[PackedBatch] = deque()
-        self._record_of: dict[str, int] = {}  # sample id -> record index, for documents not yet emitted
-        self.documents_built = 0
-        self._empty_epochs = 0
-        self._flushed = False
+    def of_epoch(self, epoch: int) -> list[int]:
+        if self._cached is None or self._cached[0] != epoch:
+            self._cached = (epoch, epoch_order(self.indices, self.cfg, epoch))
+        return self._cached[1]
 
-    def _new_packer(self) -> RowPacker:
-        return RowPacker(self.cfg.row_tokens, self.cfg.buffer_docs, self.cfg.min_fill,
-                         policy=self.cfg.oversize, pad_token_id=self.pad_token_id)
-
-    def epoch_order(self, epoch: int) -> list[int]:
-        return epoch_order(self.indices, self.cfg, epoch)
-
-    def _record_at(self, position: int) -> int:
+    def record(self, position: int) -> int:
         epoch, offset = divmod(position, len(self.indices))
-        if self._order is None or self._order[0] != epoch:
-            self._order = (epoch, self.epoch_order(epoch))
-        return self._order[1][offset]
+        return self.of_epoch(epoch)[offset]
 
-    def __iter__(self) -> Iterator[PackedBatch]:
-        return self
 
-    def next_rows(self, n: int) -> list[PackedBatch]:
-        """The ``n`` rows (micro-batches) of one optimizer step."""
-        return [next(self) for _ in range(n)]
+class LocalReader:
+    """The ownership rule of one process: it opens every record it is given and builds its document."""
 
-    def __next__(self) -> PackedBatch:
-        while not self._pending:
-            self._fill()
-        row = self._pending.popleft()
-        waiting = {_original_id(s) for s in self._packer.state_dict()["buffered"]}
-        waiting.update(_original_id(s) for r in self._pending for s in r.sample_ids)
-        for sid in row.sample_ids:  # forget emitted documents unless a piece of them still waits
-            if _original_id(sid) not in waiting:
-                self._record_of.pop(_original_id(sid), None)
-        return row
+    def __init__(self, dataset):
+        self.dataset = dataset
 
-    def _fill(self) -> None:
-        position = self.queue[0] if self.queue else self.cursor
-        if position // len(self.indices) > self.epoch:
-            if not self._flushed:  # hand out the epoch's last rows before the epoch number moves on
-                self._pending.extend(self._packer.flush())
-                self._flushed = True
-                return
-            if self.documents_built == 0:
-                self._empty_epochs += 1
-                if self._empty_epochs > 1:
-                    raise RuntimeError(f"a whole epoch of {self.dataset.source.name} gave no usable sample; "
-                                       f"see the skip log:\n{self.dataset.skips.summary()}")
-            self.epoch, self.documents_built, self._flushed = self.epoch + 1, 0, False
-            return
-        positions = []
-        while len(positions) < self.fetch_size and position // len(self.indices) <= self.epoch:
-            positions.append(position)
-            if self.queue:
-                self.queue.popleft()
-            else:
-                self.cursor += self.stride
-            position = self.queue[0] if self.queue else self.cursor
-        indices = [self._record_at(p) for p in positions]
-        for index, doc in zip(indices, self._fetch(indices)):
-            self._admit(index, doc)
+    def __call__(self, indices: list[int], weights: list[float] | None = None) -> list[Document | None]:
+        return [self.dataset.document(i) for i in indices]
 
-    def _admit(self, index: int, doc: Document | None) -> None:
-        if doc is None:
-            return
-        if doc.sample_id in self._record_of or doc.sample_id == PADDING_SAMPLE_ID:
-            self.dataset.skips.add("duplicate_id", doc.sample_id, f"record {index}",
-                                   "another sample with this id is in flight; sample ids must be unique")
-            return
-        self.documents_built += 1
-        self._empty_epochs = 0
-        self._record_of[doc.sample_id] = index
-        before = len(self._packer.skipped)
-        self._pending.extend(self._packer.add(doc))
-        for sid, reason in self._packer.skipped[before:]:
-            self.dataset.skips.add("packing", sid, f"record {index}", reason)
-            self._record_of.pop(sid, None)
 
-    # -- exact resume ----------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        def ids(sample_ids):
-            return [(sid, self._record_of[_original_id(sid)]) for sid in sample_ids if sid != PADDING_SAMPLE_ID]
+class Loader:
+    """The batches of each step for this process: the assignment rule's, or, on a later pipeline
+    stage, what stage 0 sends (``feed``). See the module docstring."""
 
-        return {"epoch": self.epoch, "cursor": self.cursor, "stride": self.stride, "queue": list(self.queue),
-                "documents_built": self.documents_built,
-                "flushed": self._flushed, "empty_epochs": self._empty_epochs,
-                "packer": self._packer.state_dict(),
-                "buffer_records": [self._record_of[_original_id(s)] for s in self._packer.state_dict()["buffered"]],
-                "pending": [ids(r.sample_ids) for r in self._pending],
-                "skips": self.dataset.skips.state_dict()}
+    def __init__(self, assignment=None, feed=None):
+        assert assignment is not None or feed is not None, "a loader reads (an assignment rule) or is fed"
+        self.assignment, self.feed = assignment, feed
 
-    def _refetch(self, index: int, want: str, built: dict[int, Document | None]) -> Document:
-        doc = built[index]
-        if doc is None or _original_id(want) != doc.sample_id:
-            raise RuntimeError(f"resume: record {index} no longer gives sample {want!r} (got "
-                               f"{None if doc is None else doc.sample_id!r}); the data changed since the checkpoint")
-        self._record_of[doc.sample_id] = index
-        if want == doc.sample_id:
-            return doc
-        k = int(want.rpartition(PIECE_SEPARATOR)[2])
-        return split_document(doc, self.cfg.row_tokens)[k]
+    @property
+    def reads(self) -> bool:
+        return self.assignment is not None
+
+    @property
+    def epoch(self) -> int:
+        return self.assignment.epoch if self.reads else 0
+
+    @property
+    def last_report(self) -> dict | None:
+        """The predicted imbalance and mixture of the last cost-balanced step (None otherwise)."""
+        return getattr(self.assignment, "last_report", None)
+
+    def next_rows(self, n: int) -> list:
+        """The ``n`` batches (micro-batches) of one optimizer step."""
+        if not self.reads:
+            return self.feed.receive(n)
+        rows = self.assignment.next_rows(n)
+        return self.feed.deliver(rows) if self.feed is not None else rows
+
+    def state_dict(self) -> dict | None:
+        """The position to resume from (None on a process that does not read)."""
+        return self.assignment.state_dict() if self.reads else None
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from ``state_dict`` output of a reader with the same stride (data-parallel
-        size); states of another size go through ``reshard_loader_states`` first."""
-        if "stride" not in state:
-            raise ValueError("this loader state predates the global data order (no 'stride'); it cannot be "
-                             "resumed exactly: start the data from the beginning or resume with the old version")
-        if state["stride"] != self.stride:
-            raise ValueError(f"loader state was written by one of {state['stride']} data-parallel readers, this is "
-                             f"one of {self.stride}; convert the states with reshard_loader_states")
-        self.epoch, self.cursor, self.queue = state["epoch"], state["cursor"], deque(state["queue"])
-        self.documents_built, self._flushed = state["documents_built"], state["flushed"]
-        self._empty_epochs = state["empty_epochs"]
-        self._record_of = {}
-        self._packer = self._new_packer()
-        buffered = state["packer"]["buffered"]
-        wanted = list(dict.fromkeys([*state["buffer_records"], *(i for row in state["pending"] for _, i in row)]))
-        built = dict(zip(wanted, self._fetch(wanted)))  # one fetch: collective under topology-aware loading
-        docs = [self._refetch(i, sid, built) for sid, i in zip(buffered, state["buffer_records"])]
-        self._packer.load_state_dict(state["packer"], docs)
-        self._pending = deque(
-            build_row([self._refetch(i, sid, built) for sid, i in row], self.cfg.row_tokens, True,
-                      self.pad_token_id)
-            for row in state["pending"])
-        self.dataset.skips.load_state_dict(state["skips"])
+        if self.reads:
+            self.assignment.load_state_dict(state)
+
+    def restore(self, states: dict[int, dict], dp_rank: int, dp_size: int) -> bool:
+        """Continue from the states of every data-parallel rank of a checkpoint (keyed by rank),
+        resharded when the checkpoint had another number of ranks; returns whether it resharded."""
+        if not self.reads:
+            return False
+        resharded = len(states) != dp_size
+        if resharded:
+            states = type(self.assignment).reshard_states(states, dp_size)
+        self.assignment.load_state_dict(states[dp_rank])
+        return resharded
 
 
-def reshard_loader_states(states: dict[int, dict], new_dp: int) -> dict[int, dict]:
-    """States for ``new_dp`` readers that continue where the ``states`` of all old readers
-    (keyed by data-parallel rank) stopped: every sample not yet handed out, exactly once.
-
-    Positions: an old reader has taken all of its positions below its cursor except those
-    still in its queue, so the positions no reader has taken are the queues plus, per
-    reader, its stride steps from its cursor. Those below the largest cursor ``m`` are
-    dealt round-robin (in order) as the new readers' queues; from ``m`` on, new reader
-    ``r`` takes ``m + r, m + r + new_dp, ...``. Documents already read but not handed out
-    (packer buffers and packed rows) are dealt round-robin too: the new readers refetch them
-    first. The skip logs are merged into reader 0's.
-    """
-    if sorted(states) != list(range(len(states))):
-        raise ValueError(f"loader states of data-parallel ranks {sorted(states)}; need every rank 0..n-1")
-    if new_dp <= 0:
-        raise ValueError(f"the new data-parallel size must be positive, got {new_dp}")
-    old = [states[r] for r in range(len(states))]
-    stride = old[0]["stride"]
-    assert all(s["stride"] == stride == len(old) for s in old), [s["stride"] for s in old]
-    row_tokens = old[0]["packer"]["row_tokens"]
-    top = max(s["cursor"] for s in old)
-    left = sorted(itertools.chain.from_iterable(
-        [*s["queue"], *range(s["cursor"], top, stride)] for s in old))
-
-    def buffered(carried: bool) -> list[tuple[str, int]]:
-        return [(sid, record) for s in old for k, (sid, record) in
-                enumerate(zip(s["packer"]["buffered"], s["buffer_records"]))
-                if (k < s["packer"]["num_carried"]) == carried]
-
-    # Carried documents first (a buffer keeps them as its prefix), dealt on from one counter.
-    docs = buffered(True) + buffered(False)
-    carried = len(buffered(True))
-    rows = [row for s in old for row in s["pending"]]
-    skips = SkipLog()
-    for s in old:
-        skips.counts.update(s["skips"]["counts"])
-        skips.entries.extend(Skip(**e) for e in s["skips"]["entries"][:SkipLog.MAX_KEPT - len(skips.entries)])
-    new = {}
-    for r in range(new_dp):
-        mine = range(r, len(docs), new_dp)
-        new[r] = {"epoch": min(s["epoch"] for s in old), "cursor": top + r, "stride": new_dp,
-                  "queue": left[r::new_dp], "documents_built": max(s["documents_built"] for s in old),
-                  "flushed": False, "empty_epochs": 0,
-                  "packer": {"row_tokens": row_tokens, "buffered": [docs[k][0] for k in mine],
-                             "num_carried": sum(k < carried for k in mine)},
-                  "buffer_records": [docs[k][1] for k in mine],
-                  "pending": rows[r::new_dp],
-                  "skips": skips.state_dict() if r == 0 else SkipLog().state_dict()}
-    return new
-
-
-__all__ = ["LoaderConfig", "PackedLoader", "epoch_order", "reshard_loader_states"]
+__all__ = ["EpochOrder", "Loader", "LoaderConfig", "LocalReader", "epoch_order"]

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from keyetron.data.batch import IGNORE_INDEX, Document, PackedBatch
+from keyetron.batch import IGNORE_INDEX, Document, PackedBatch
 
 PADDING_SAMPLE_ID = "<padding>"
 PIECE_SEPARATOR = "#piece"

@@ -221,4 +221,15 @@ class RemoteDecoder:
         return entry_from_json(reply.header.get("entry")), list(reply.tensors), grids
 
 
-__all__ = ["DecoderStats", "RemoteDecoder", "parse_address"]
+def decoder_from_config(data) -> RemoteDecoder | None:
+    """The decode-server client of a recipe's ``data`` section (``decode_servers``,
+    ``decode_secret_file``, ``decode_timeout_s``); None: decode in this process."""
+    if not data.decode_servers:
+        return None
+    from keyetron.io.protocol import load_secret
+
+    log.info("decoding media on %s (local decoding when they are unreachable)", ", ".join(data.decode_servers))
+    return RemoteDecoder(data.decode_servers, load_secret(data.decode_secret_file), timeout=data.decode_timeout_s)
+
+
+__all__ = ["DecoderStats", "RemoteDecoder", "decoder_from_config", "parse_address"]

@@ -2,7 +2,7 @@
 from keyetron.model.config import KeyeConfig, TextConfig, VisionConfig, load_model_config  # noqa: F401
 from keyetron.model.keye import (  # noqa: F401
     KeyeVLModel,
-    LossOutput,
+    ModelOutput,
     build_model,
     parameter_counts,
     set_activation_checkpointing,

@@ -8,11 +8,19 @@ Each new text token takes the position after the document's current maximum, as
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
-from keyetron.data.batch import Document, PackedBatch
+from keyetron.batch import Document, PackedBatch
 from keyetron.model.keye import KeyeVLModel
+
+
+class _Prompts(NamedTuple):
+    """What the decoder layers read of a batch: 3D positions and document boundaries."""
+
+    position_ids: torch.Tensor
+    cu_seqlens: torch.Tensor
 
 
 @torch.no_grad()
@@ -33,8 +41,8 @@ def greedy_generate(model: KeyeVLModel, prompts: Sequence[Document], max_new_tok
         lengths = torch.tensor([embeds[i].shape[0] for i in active])
         cu = torch.zeros(len(active) + 1, dtype=torch.int32)
         cu[1:] = lengths.cumsum(0)
-        hidden = model.llm.decode(torch.cat([embeds[i] for i in active]),
-                                  torch.cat([positions[i] for i in active], dim=1), cu.to(device))
+        layout = _Prompts(torch.cat([positions[i] for i in active], dim=1), cu.to(device))
+        hidden = model.llm(torch.cat([embeds[i] for i in active]), layout)
         next_ids = model.llm.lm_head(hidden[cu[1:].long().to(device) - 1]).argmax(-1)
         new_embeds = model.llm.embed_tokens(next_ids)
         still = []

@@ -1,1 +1,2 @@
-"""Training core: FLOP accounting and MFU, learning-rate schedules, and the loop that uses them."""
+"""Training: the one trainer (``trainer``), what each recipe objective brings to it (``tasks``),
+recipes, LR schedules, metrics and logs, evaluation, preemption, and model merging."""

@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from keyetron.config import ConfigError
-from keyetron.train.entry import layout_overrides, run
+from keyetron.train.run import layout_overrides, run
 from keyetron.train.recipe import load_recipe
 
 

@@ -21,6 +21,7 @@ no input is ever held whole.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -173,6 +174,22 @@ class Checkpoint:
         return None
 
 
+def init_from_checkpoint(model: torch.nn.Module, path: str) -> None:
+    """Weights only (``model.init``) from a Hugging Face folder, a keyetron checkpoint of any
+    layout, or a ``keyetron merge`` output; every parameter must be there with its shape."""
+    ck = Checkpoint(path)
+    want = model.state_dict()
+    missing = [n for n in want if n not in ck.entries]
+    wrong = [f"{n} {tuple(ck.entries[n][0])} != {tuple(t.shape)}" for n, t in want.items()
+             if n in ck.entries and tuple(ck.entries[n][0]) != tuple(t.shape)]
+    if missing or wrong:
+        raise ValueError(f"model.init {path} ({ck.format}) does not fit model config: missing {missing[:5]}"
+                         f"{' ...' if len(missing) > 5 else ''}, wrong shapes {wrong[:5]}; was it written for "
+                         f"another model config?")
+    model.load_state_dict(ck.read(list(want)))
+    logging.getLogger("keyetron.train").info("initialised the model from %s (%s)", path, ck.format)
+
+
 def check_same_architecture(inputs: list[Checkpoint]) -> None:
     """Every input has the same parameter names and shapes as the first; else name the first difference."""
     first = inputs[0]
@@ -263,5 +280,5 @@ def _save_hf(merged: dict[str, torch.Tensor], config: KeyeConfig, path: str) -> 
     save_hf_checkpoint(model, path)
 
 
-__all__ = ["Checkpoint", "MergeError", "MergeInput", "MergeRecipe", "check_same_architecture",
+__all__ = ["Checkpoint", "MergeError", "init_from_checkpoint", "MergeInput", "MergeRecipe", "check_same_architecture",
            "load_merge_recipe", "merge", "recipe_from_cli"]

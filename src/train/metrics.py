@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+from keyetron.data.packing import PADDING_SAMPLE_ID
+
 log = logging.getLogger("keyetron.train")
 
 
@@ -87,4 +89,15 @@ class Progress:
             self.stream.flush()
 
 
-__all__ = ["MetricSink", "Progress", "setup_logging"]
+def log_sample_ids(out: Path, topo, step: int, rows: list) -> None:
+    """Data provenance (``log.sample_ids``): the samples of ``step``, one file per data-parallel
+    rank, written by its first stage-0 rank."""
+    if topo.pp_rank or topo.cp_rank or topo.tp_rank:
+        return
+    ids = [s for r in rows for s in r.sample_ids if s != PADDING_SAMPLE_ID]
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / f"sample_ids.dp{topo.dp_rank}.jsonl", "a") as f:
+        f.write(json.dumps({"step": step, "dp": topo.dp_rank, "of": topo.dims.dp, "ids": ids}) + "\n")
+
+
+__all__ = ["MetricSink", "Progress", "log_sample_ids", "setup_logging"]

@@ -15,11 +15,12 @@ import yaml
 from keyetron.config import ConfigError, from_dict, to_dict
 from keyetron.data.dataset import MediaConfig
 from keyetron.data.loader import LoaderConfig
+from keyetron.objectives.contrastive import PARTS as CONTRASTIVE_PARTS  # logit: logit_scale and logit_bias
+from keyetron.optim import OptimSection
+from keyetron.parallel.config import ParallelConfig
 from keyetron.train.schedule import ScheduleConfig, lr_lambda
 
-MODULES = ("vit", "projector", "llm")
 OBJECTIVES = ("lm", "siglip")
-CONTRASTIVE_PARTS = ("vit", "pool_head", "text_tower", "logit")  # logit: logit_scale and logit_bias
 
 
 @dataclass
@@ -45,23 +46,6 @@ class DataSection:
 
 
 @dataclass
-class OptimSection:
-    lr: float = 1e-4
-    weight_decay: float = 0.1  # on matrices only; norms, biases and embeddings are not decayed
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    clip_grad: float | None = 1.0  # max global gradient norm; None disables clipping
-    lr_scale: dict[str, float] = field(default_factory=dict)  # per module (vit / projector / llm) lr multiplier
-
-    def __post_init__(self) -> None:
-        bad = sorted(set(self.lr_scale) - set(MODULES))
-        if bad:
-            raise ValueError(f"lr_scale: unknown module(s) {bad}; use {list(MODULES)}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
-
-
-@dataclass
 class TrainSection:
     steps: int = 100  # optimizer steps
     grad_accum: int = 1  # packed rows per optimizer step (one row per forward)
@@ -69,7 +53,7 @@ class TrainSection:
     precision: str = "auto"  # auto (bf16 autocast where the device supports it) | bf16 | fp32
     freeze: list[str] = field(default_factory=list)  # parameter-name prefixes: vit, projector, llm.embed_tokens, ...
     # lm: next-token loss of the whole model (stages 1-3); siglip: stage 0, the ViT against a SigLIP
-    # text tower with the sigmoid contrastive loss (the `contrastive` section; keyetron.train.stage0)
+    # text tower with the sigmoid contrastive loss (the `contrastive` section; keyetron.train.tasks.ContrastiveTask)
     objective: str = "lm"
 
     def __post_init__(self) -> None:
@@ -138,29 +122,6 @@ class EvalSection:
 
 
 @dataclass
-class ParallelSection:
-    """The layout of a multi-process run (``torchrun ... -m keyetron.train``); flags override it."""
-
-    tp: int = 1
-    pp: int = 1
-    cp: int = 1
-    dp: int = 0  # 0: the world size divided by pp * cp * tp
-    # zero1 (optimizer state + fp32 masters over dp x cp) | zero2 (gradients too) | fsdp2 (weights too) | none
-    sharding: str = "zero1"
-    sequence_parallel: bool = True  # with tp > 1
-    schedule: str = "1f1b"  # pipeline schedule: gpipe | 1f1b | interleaved
-    virtual_stages: int = 1  # pipeline stages per rank (interleaved)
-
-    def __post_init__(self) -> None:
-        if min(self.tp, self.pp, self.cp, self.virtual_stages) < 1 or self.dp < 0:
-            raise ValueError(f"tp, pp, cp, virtual_stages must be >= 1 and dp >= 0, got {self}")
-        if self.sharding not in ("zero1", "zero2", "fsdp2", "none"):
-            raise ValueError(f"sharding {self.sharding!r} is not one of ['zero1', 'zero2', 'fsdp2', 'none']")
-        if self.schedule not in ("gpipe", "1f1b", "interleaved"):
-            raise ValueError(f"schedule {self.schedule!r} is not one of ['gpipe', '1f1b', 'interleaved']")
-
-
-@dataclass
 class Recipe:
     name: str = "run"
     output_dir: str = "runs/run"  # checkpoints/, tb/, train.log, metrics.jsonl, summary.json
@@ -172,7 +133,7 @@ class Recipe:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     log: LogSection = field(default_factory=LogSection)
     eval: EvalSection = field(default_factory=EvalSection)
-    parallel: ParallelSection = field(default_factory=ParallelSection)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     contrastive: ContrastiveSection = field(default_factory=ContrastiveSection)
 
     def __post_init__(self) -> None:
@@ -242,4 +203,4 @@ def recipe_yaml(recipe: Recipe) -> str:
 
 
 __all__ = ["CheckpointSection", "ContrastiveSection", "DataSection", "EvalSection", "LogSection", "ModelSection",
-           "OptimSection", "ParallelSection", "Recipe", "TrainSection", "apply_override", "load_recipe", "recipe_yaml"]
+           "OptimSection", "Recipe", "TrainSection", "apply_override", "load_recipe", "recipe_yaml"]

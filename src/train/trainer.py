@@ -1,180 +1,188 @@
-"""The single-process trainer: recipe in, trained model, checkpoints, logs and a summary out.
+"""The one trainer: recipe in, trained model, checkpoints, logs and a summary out.
 
-One optimizer step takes ``grad_accum`` packed rows. Each row's summed token loss is
-divided by the number of loss tokens of the *whole step*, so accumulation gives exactly
-the gradient of one big batch (every loss token weighs the same, however the rows were
-filled). The parallel engine (keyetron.parallel) reuses this loop's pieces.
+The same loop for every objective and layout, one process included (``Topology.single()``):
+
+1. the recipe's task (``keyetron.train.tasks``: the objective, the model it trains, its
+   data, FLOPs and evaluation) builds the model and the objective, identically on every rank;
+2. ``train.freeze`` freezes parameters by name prefix, ``parallelize_keye`` installs the
+   layout (``parallel`` section; nothing in one process but activation checkpointing),
+   ``ParallelEngine`` builds the optimizer;
+3. every step takes ``grad_accum`` batches from the task's loader and the engine steps them
+   (each batch's summed loss divided by the step's global count: accumulation and every
+   layout give the gradient of one big batch); the LR schedule follows;
+4. checkpoints: one process writes the single-process layout (``keyetron.checkpoint``),
+   several write the sharded one (``keyetron.parallel.sharded_checkpoint``); either resumes
+   under any layout the other can hold, and ``checkpoint.start_from`` continues an earlier
+   stage under this recipe's layout, row length and RoPE base.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
-import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+from torch import nn
 
-from keyetron.data.batch import PackedBatch
-from keyetron.backend.device import autocast, default_device, device_name, supports_bf16, synchronize
-from keyetron.data.dataset import DocumentBuilder, SampleDataset, Skip, SkipLog
-from keyetron.data.loader import reshard_loader_states
-from keyetron.data.sources import ConcatSource, open_source
-from keyetron.data.tokenizer import KeyeTokenizer
-from keyetron.model import build_model, load_model_config
-from keyetron.model.keye import KeyeVLModel, set_activation_checkpointing, set_attention_kernel
-from keyetron.train.checkpoint import (CheckpointNotFound, init_from_checkpoint, is_distributed_checkpoint,
-                                      load_checkpoint, mark_distributed_checkpoint, resolve_checkpoint,
-                                      save_checkpoint, step_dir)
-from keyetron.train.data_setup import build_decoder, build_loader, log_sample_ids
-from keyetron.train.evaluate import EvalReport, evaluate
-from keyetron.train.flops import FlopCount, FlopCounter, peak_flops
-from keyetron.train.metrics import MetricSink, Progress, setup_logging
+from keyetron.backend.device import default_device, device_name, supports_bf16, synchronize
+from keyetron.checkpoint import (CheckpointNotFound, is_distributed_checkpoint, load_checkpoint,
+                                 mark_distributed_checkpoint, resolve_checkpoint, save_checkpoint, step_dir)
+from keyetron.data.dataset import Skip, SkipLog
+from keyetron.flops import FlopCount, peak_flops
+from keyetron.model import load_model_config
+from keyetron.model.keye import set_attention_kernel
+from keyetron.optim import MODULES, param_groups
+from keyetron.parallel.engine import ParallelEngine, trained_modules
+from keyetron.parallel.parallelize import parallelize_keye
+from keyetron.parallel.sharded_checkpoint import load_distributed, save_distributed
+from keyetron.parallel.topology import Topology
+from keyetron.train.merge import init_from_checkpoint
+from keyetron.train.metrics import MetricSink, Progress, log_sample_ids, setup_logging
 from keyetron.train.preempt import Preemption
-from keyetron.train.recipe import MODULES, OptimSection, Recipe, recipe_yaml
+from keyetron.train.recipe import Recipe, recipe_yaml
 from keyetron.train.schedule import lr_lambda
+from keyetron.train.tasks import TASKS
 
 log = logging.getLogger("keyetron.train")
 
 
-def apply_freeze(model: torch.nn.Module, prefixes: list[str]) -> dict[str, bool]:
-    """Freeze parameters whose name starts with any prefix; returns which top modules still train."""
-    names = [n for n, _ in model.named_parameters()]
+def apply_freeze(named: list[tuple[str, nn.Parameter]], prefixes: list[str]) -> None:
+    """``train.freeze``: freeze the parameters whose name starts with any prefix (a part such as
+    ``vit``, or deeper: ``llm.embed_tokens``, ``vit.layers.0``, ``text_tower``)."""
+    names = [n for n, _ in named]
     for prefix in prefixes:
         if not any(n == prefix or n.startswith(prefix + ".") for n in names):
             tops = sorted({n.split(".")[0] for n in names})
+            deeper = "llm.embed_tokens" if "llm" in tops else "vit.layers.0"
             raise ValueError(f"train.freeze: {prefix!r} matches no parameter; use a module prefix such as {tops} "
-                             f"or a deeper one like 'llm.embed_tokens'")
-    for name, p in model.named_parameters():
+                             f"or a deeper one like {deeper!r}")
+    for name, p in named:
         if any(name == x or name.startswith(x + ".") for x in prefixes):
             p.requires_grad_(False)
-    return {m: any(p.requires_grad for p in getattr(model, m).parameters()) for m in MODULES}
-
-
-def optimizer_param_groups(model: torch.nn.Module, opt: OptimSection) -> list[dict]:
-    """Parameter groups per (module, decay): decay on matrices only, a per-module lr scale."""
-    groups: dict[tuple[str, bool], list] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        decay = p.dim() >= 2 and "embed" not in name
-        groups.setdefault((name.split(".")[0], decay), []).append(p)
-    if not groups:
-        raise ValueError("every parameter is frozen (train.freeze); nothing would train")
-    return [{"params": ps, "lr": opt.lr * opt.lr_scale.get(module, 1.0),
-             "weight_decay": opt.weight_decay if decay else 0.0, "name": f"{module}/{'decay' if decay else 'no_decay'}"}
-            for (module, decay), ps in sorted(groups.items())]
-
-
-def build_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.AdamW:
-    opt = recipe.optim
-    # The fused kernel (CPU and CUDA) updates all tensors in one pass: on a CPU the default
-    # per-tensor loop cost ~0.3 s a step for the 63M-parameter demo model.
-    return torch.optim.AdamW(optimizer_param_groups(model, opt), lr=opt.lr, betas=opt.betas, eps=opt.eps,
-                             fused=True)
-
-
-def accumulate_gradients(model: KeyeVLModel, rows: list[PackedBatch], device, autocast_dtype) -> float:
-    """Backward over ``rows`` one at a time, each weighted by the step's total loss tokens.
-
-    The gradient equals that of one forward over all rows together; returns the summed loss.
-    """
-    loss_tokens = max(sum(r.num_loss_tokens for r in rows), 1)
-    total = 0.0
-    for row in rows:
-        with autocast(device, autocast_dtype):
-            out = model(row.to(device))
-        (out.loss_sum / loss_tokens).backward()
-        total += float(out.loss_sum.detach())
-    return total
 
 
 @dataclass
 class StepResult:
-    loss: float
-    loss_tokens: int
-    tokens: int
+    loss: float  # mean per unit over the step (all ranks)
+    count: int  # the objective's units of the step (loss tokens, pairs), all ranks
+    tokens: int  # work units (LLM tokens, ViT patches), all ranks
     flops: FlopCount
     grad_norm: float
     seconds: float
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def loss_tokens(self) -> int:
+        return self.count
 
 
 class Trainer:
-    """Single-process by default; with a distributed ``topo`` the step runs through
-    ``keyetron.parallel.engine.ParallelEngine`` (every rank builds the same model first)."""
+    """One process, or one rank of a parallel layout (``topo``; every rank builds the same model)."""
 
-    def __init__(self, recipe: Recipe, device: torch.device | None = None, topo=None):
-        from keyetron.parallel.topology import Topology
-
-        self.recipe = recipe
-        self.out = Path(recipe.output_dir)
+    def __init__(self, recipe: Recipe, device: torch.device | None = None, topo: Topology | None = None):
+        self.recipe = r = recipe
+        self.out = Path(r.output_dir)
         self.device = device or default_device()
         self.topo = topo or Topology.single(self.device)
         self.is_main = self.topo.rank == 0
         setup_logging(self.out, write_file=self.is_main)
-        torch.manual_seed(recipe.train.seed)
-        want_bf16 = recipe.train.precision == "bf16" or (recipe.train.precision == "auto" and supports_bf16(self.device))
-        if recipe.train.precision == "bf16" and not supports_bf16(self.device):
-            raise ValueError(f"train.precision bf16 was asked for but {self.device} does not support it; use auto or fp32")
+        torch.manual_seed(r.train.seed)
+        if r.train.precision == "bf16" and not supports_bf16(self.device):
+            raise ValueError(f"train.precision bf16 was asked for but {self.device} does not support it; use auto or "
+                             "fp32")
+        want_bf16 = r.train.precision == "bf16" or (r.train.precision == "auto" and supports_bf16(self.device))
         self.autocast_dtype = torch.bfloat16 if want_bf16 else None
-        self.cfg = load_model_config(recipe.model.config)
-        if recipe.model.rope_theta is not None:  # context extension raises the RoPE base (1e6 -> 8e6)
+        self.cfg = load_model_config(r.model.config)
+        if r.model.rope_theta is not None:  # context extension raises the RoPE base (1e6 -> 8e6)
             self.cfg = dataclasses.replace(self.cfg, text=dataclasses.replace(self.cfg.text,
-                                                                              rope_theta=recipe.model.rope_theta))
-        self.model: KeyeVLModel = build_model(self.cfg, device=self.device, seed=recipe.train.seed)
-        if recipe.model.init:
-            init_from_checkpoint(self.model, recipe.model.init)
-        set_attention_kernel(self.model, recipe.model.attention)
-        set_activation_checkpointing(self.model, vit="vit" in recipe.model.activation_checkpointing,
-                                     llm="llm" in recipe.model.activation_checkpointing)
-        self.trainable = apply_freeze(self.model, recipe.train.freeze)
-        self.param_counts = {m: sum(p.numel() for p in getattr(self.model, m).parameters()) for m in MODULES}
-        self.engine = None
-        if self.topo.distributed:
-            self.engine = build_engine(self.model, self.topo, recipe, self.autocast_dtype)
-            self.optimizer = self.engine.optimizer.inner  # the LR schedule drives its groups
-        else:
-            self.optimizer = build_optimizer(self.model, recipe)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(recipe.schedule, recipe.train.steps))
-        self.tokenizer = KeyeTokenizer(self.cfg.tokenizer)
-        builder = DocumentBuilder(self.cfg, self.tokenizer, recipe.data.media, decoder=build_decoder(recipe.data))
-        source = ConcatSource([open_source(s) for s in recipe.data.sources])
-        self.dataset = SampleDataset(source, builder)
-        # The data-parallel ranks share one global order, each taking every dp-th position of it;
-        # under a parallel layout only pipeline stage 0 reads, each sample once (keyetron.parallel.loading).
-        self.loader = build_loader(self.dataset, recipe, self.cfg, self.trainable, self.topo, self.tokenizer.pad_id,
-                                   self.out)
-        self.eval_dataset = SampleDataset(open_source(recipe.data.eval), builder) if recipe.data.eval else None
-        self.flops = FlopCounter(self.cfg, self.trainable)
+                                                                              rope_theta=r.model.rope_theta))
+        # -- the task's model and objective, then the layout and the engine --------------------
+        self.task = TASKS[r.train.objective](self)
+        self.model, self.objective = self.task.model, self.task.objective
+        set_attention_kernel(self.model, r.model.attention)
+        named = list(trained_modules(self.model, self.objective).named_parameters())
+        apply_freeze(named, r.train.freeze)
+        part_of = self.task.part_of
+        self.trainable = {part: any(p.requires_grad for n, p in named if part_of(n) == part)
+                          for part in self.task.parts}
+        self.param_counts = {part: sum(p.numel() for n, p in named if part_of(n) == part) for part in self.task.parts}
+        if self.task.carried:
+            self.param_counts["+".join(self.task.carried) + " (carried)"] = sum(
+                p.numel() for m in self.task.carried.values() for p in m.parameters())
+        self.par = parallelize_keye(self.model, self.topo, r.parallel, row_tokens=r.data.loader.row_tokens,
+                                    micro_batches=r.train.grad_accum,
+                                    activation_checkpointing=r.model.activation_checkpointing)
+        self.engine = ParallelEngine(self.par, self.objective, r.optim, autocast_dtype=self.autocast_dtype,
+                                     groups=param_groups(trained_modules(self.model, self.objective).named_parameters(),
+                                                         r.optim, part_of=part_of, lr_scale=self.task.lr_scale,
+                                                         order=self.task.parts))
+        self.optimizer = self.engine.optimizer.inner  # the LR schedule drives its groups
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(r.schedule, r.train.steps))
+        # What checkpoints hold: the trained modules and the parts carried along (rank 0).
+        self.checkpointed = trained_modules(self.model, self.objective)
+        for name, module in self.task.carried.items():
+            self.checkpointed.add_module(name, module)
+        # -- data, FLOPs, and where to start -------------------------------------------------------
+        self.task.build_data(self)
+        self.loader, self.dataset, self.flops = self.task.loader, self.task.dataset, self.task.counter
         matmul_dtype = self.autocast_dtype or torch.float32
         self.peak = peak_flops(device_name(self.device), matmul_dtype,
                                tf32=torch.backends.cuda.matmul.allow_tf32,
-                               override=recipe.log.peak_tflops * 1e12 if recipe.log.peak_tflops else None)
+                               override=r.log.peak_tflops * 1e12 if r.log.peak_tflops else None)
         self.step = 0
         self.history: list[dict] = []
-        resume = resolve_checkpoint(recipe.checkpoint.resume, recipe.checkpoint_dir)
+        resume = resolve_checkpoint(r.checkpoint.resume, r.checkpoint_dir)
         if resume is not None:
             self._resume(resume)
             log.info("resumed from %s at step %d", resume, self.step)
-        elif recipe.checkpoint.start_from:
-            self._start_from(Path(recipe.checkpoint.start_from), set(recipe.checkpoint.start_reset))
+        elif r.checkpoint.start_from:
+            self._start_from(Path(r.checkpoint.start_from), set(r.checkpoint.start_reset))
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def _model_parts(self) -> nn.Module:
+        """The Keye model's parts among the checkpointed modules (model.safetensors of the one-process layout)."""
+        box = nn.Module()
+        for name, child in self.checkpointed.named_children():
+            if name in MODULES:
+                box.add_module(name, child)
+        return box
+
+    @property
+    def _objective_file(self) -> str | None:
+        has_own = any(True for _ in self.objective.parameters())
+        return f"{self.objective.name}.safetensors" if has_own else None
 
     def _resume(self, path: Path, restore_loader: bool = True) -> None:
-        from keyetron.parallel.checkpoint import load_distributed, load_into_single_process
-
         if not is_distributed_checkpoint(path):
-            state = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
+            if self.topo.distributed and (self.engine.sharding != "none" or self.topo.dims.world_size !=
+                                          self.topo.dims.dp):
+                raise ValueError(f"checkpoint {path} was written by one process; a run of layout {self.topo.dims} "
+                                 f"with parallel.sharding {self.engine.sharding} cannot load it. Continue it in one "
+                                 "process, or start from its weights (model.init)")
+            state = load_checkpoint(path, self._model_parts(), self.optimizer, self.scheduler)
+            if self._objective_file:
+                file = path / self._objective_file
+                if not file.is_file():
+                    raise CheckpointNotFound(f"checkpoint {path} has no {self._objective_file}: it was not written by "
+                                             f"a {self.recipe.train.objective} run; to start from its weights use "
+                                             "model.init")
+                own = load_file(str(file))
+                want = self.objective.state_dict()
+                if set(own) != set(want) or any(own[k].shape != want[k].shape for k in want):
+                    raise ValueError(f"{file} does not fit this objective (was it written with another "
+                                     f"{self.recipe.train.objective} configuration?)")
+                self.objective.load_state_dict(own)
             self.step, self.history = state.step, state.extra.get("history", [])
             if restore_loader:
                 self._restore_loader({0: state.loader}, path)
             torch.set_rng_state(torch.tensor(state.rng, dtype=torch.uint8))
             return
-        if self.engine is not None:
-            extra = load_distributed(path, self.model, self.engine.optimizer, self.topo)
-        else:  # a multi-process run continued in one process
-            extra = load_into_single_process(path, self.model, self.optimizer)
+        extra = load_distributed(path, self.checkpointed, self.engine.optimizer, self.topo)
         self.step, self.history = extra["step"], extra.get("history", [])
         self.scheduler.load_state_dict(extra["scheduler"])
         if restore_loader:
@@ -196,7 +204,8 @@ class Trainer:
             if "schedule" in reset:
                 self.step, self.history = step, history
                 # the new stage's learning rates and schedule, from step 0, over the carried moments
-                fresh = optimizer_param_groups(self.model, self.recipe.optim)
+                fresh = param_groups(trained_modules(self.model, self.objective).named_parameters(), self.recipe.optim,
+                                     part_of=self.task.part_of, lr_scale=self.task.lr_scale, order=self.task.parts)
                 for group, want in zip(self.optimizer.param_groups, fresh):
                     group["lr"] = group["initial_lr"] = want["lr"]
                     group["weight_decay"] = want["weight_decay"]
@@ -207,107 +216,65 @@ class Trainer:
     def _restore_loader(self, loaders: dict[int, dict], path: Path) -> None:
         """This rank's data position from every data-parallel rank's loader state in the checkpoint."""
         if len(loaders) != self.topo.dims.dp:
-            from keyetron.parallel.balanced_loading import reshard_balanced_states
-
             log.info("checkpoint %s was written with %d data-parallel readers, this run has %d: the remaining "
                      "samples are dealt to the new readers", path, len(loaders), self.topo.dims.dp)
-            balanced = loaders[0].get("kind") == "balanced"
-            loaders = (reshard_balanced_states if balanced else reshard_loader_states)(loaders, self.topo.dims.dp)
-        self.loader.load_state_dict(loaders[self.topo.dp_rank])
+        self.loader.restore(loaders, self.topo.dp_rank, self.topo.dims.dp)
 
-    # -- one optimizer step ---------------------------------------------------------------
-    def train_step(self) -> StepResult:
-        if self.engine is not None:
-            return self._parallel_step()
-        t0 = time.perf_counter()
-        rows = self.loader.next_rows(self.recipe.train.grad_accum)
-        self._log_sample_ids(rows)
-        loss_tokens = sum(r.num_loss_tokens for r in rows)
-        self.optimizer.zero_grad(set_to_none=True)
-        total_loss = accumulate_gradients(self.model, rows, self.device, self.autocast_dtype)
-        flops = sum((self.flops.count_batch(row) for row in rows), FlopCount())
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        clip = self.recipe.optim.clip_grad
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip else math.inf)
-        if torch.isfinite(grad_norm):
-            self.optimizer.step()
-        else:
-            log.warning("step %d: gradient norm is %s; the update is skipped", self.step + 1, float(grad_norm))
-        self.scheduler.step()
-        synchronize(self.device)
-        self.step += 1
-        tokens = sum(r.num_tokens for r in rows)
-        return StepResult(total_loss / max(loss_tokens, 1), loss_tokens, tokens, flops, float(grad_norm),
-                          time.perf_counter() - t0)
-
-    def _parallel_step(self) -> StepResult:
-        import torch.distributed as dist
-
-        t0 = time.perf_counter()
-        rows = self.loader.next_rows(self.recipe.train.grad_accum)
-        self._log_sample_ids(rows)
-        stats = self.engine.step(rows)
-        self.scheduler.step()
-        flops = sum((self.flops.count_batch(row) for row in rows), FlopCount())
-        # Whole rows are counted once per data-parallel rank (its CP/TP/PP ranks share them).
-        totals = torch.tensor([*dataclasses.astuple(flops), sum(r.num_tokens for r in rows)], dtype=torch.float64)
-        if self.topo.dims.dp > 1:
-            dist.all_reduce(totals, group=self.topo.group("dp"))
-        synchronize(self.device)
-        self.step += 1
-        counted = FlopCount(*(int(v) for v in totals[:-1].tolist()))
-        return StepResult(stats.loss, stats.loss_tokens, int(totals[-1]), counted, stats.grad_norm,
-                          time.perf_counter() - t0)
-
-    def _log_sample_ids(self, rows: list[PackedBatch]) -> None:
-        if self.recipe.log.sample_ids:
-            log_sample_ids(self.out, self.topo, self.step + 1, rows)
-
-    # -- the run ----------------------------------------------------------------------------
     def save(self) -> Path:
-        if self.engine is not None:
+        if self.topo.distributed:
             return self._save_distributed()
-        path = save_checkpoint(self.recipe.checkpoint_dir, self.step, self.model, self.optimizer, self.scheduler,
-                               self.loader.state_dict(), {"history": self.history}, recipe_yaml(self.recipe),
-                               self.recipe.checkpoint.keep)
+        extra_files = {}
+        if self._objective_file:
+            extra_files[self._objective_file] = self.objective.state_dict()
+        path = save_checkpoint(self.recipe.checkpoint_dir, self.step, self._model_parts(), self.optimizer,
+                               self.scheduler, self.loader.state_dict(), {"history": self.history},
+                               recipe_yaml(self.recipe), self.recipe.checkpoint.keep, extra_files)
         log.info("saved checkpoint %s", path)
         return path
 
     def _save_distributed(self) -> Path:
-        import torch.distributed as dist
-        from keyetron.parallel.checkpoint import save_distributed
-
         states = [None] * self.topo.world_size
         dist.all_gather_object(states, (self.topo.dp_rank, self.loader.state_dict()))
         extra = {"step": self.step, "scheduler": self.scheduler.state_dict(), "history": self.history,
                  "loaders": {str(dp): st for dp, st in states if st is not None}, "layout": str(self.topo.dims)}
-        path = save_distributed(step_dir(self.recipe.checkpoint_dir, self.step), self.model, self.engine.optimizer,
-                                self.topo, extra)
+        path = save_distributed(step_dir(self.recipe.checkpoint_dir, self.step), self.checkpointed,
+                                self.engine.optimizer, self.topo, extra)
         if self.is_main:
             mark_distributed_checkpoint(path, self.step, self.recipe.checkpoint.keep, recipe_yaml(self.recipe))
         dist.barrier()
         log.info("saved checkpoint %s", path)
         return path
 
-    def run_eval(self, sink: MetricSink, checkpoint: Path | None = None) -> EvalReport | None:
-        if self.eval_dataset is None:
-            return None
-        model = self.model
-        if self.engine is not None:  # evaluate the whole model in one process, from the checkpoint just written
-            from keyetron.parallel.checkpoint import load_into_single_process
+    # -- one optimizer step -----------------------------------------------------------------
+    def train_step(self) -> StepResult:
+        t0 = time.perf_counter()
+        batches = self.loader.next_rows(self.recipe.train.grad_accum)
+        if self.recipe.log.sample_ids:
+            log_sample_ids(self.out, self.topo, self.step + 1, batches)
+        stats = self.engine.step(batches)
+        if stats.skipped:
+            log.warning("step %d: gradient norm is %s; the update is skipped", self.step + 1, stats.grad_norm)
+        self.scheduler.step()
+        flops = sum((self.task.flops(b) for b in batches), FlopCount())
+        # Whole batches are counted once per data-parallel rank (its CP/TP/PP ranks share them).
+        totals = torch.tensor([*dataclasses.astuple(flops), sum(b.num_tokens for b in batches)], dtype=torch.float64)
+        if self.topo.distributed and self.topo.dims.dp > 1:
+            dist.all_reduce(totals, group=self.topo.group("dp"))
+        synchronize(self.device)
+        self.step += 1
+        counted = FlopCount(*(int(v) for v in totals[:-1].tolist()))
+        return StepResult(stats.loss, stats.count, int(totals[-1]), counted, stats.grad_norm,
+                          time.perf_counter() - t0, stats.metrics)
 
-            if not self.is_main or checkpoint is None:
-                return None
-            model = build_model(self.cfg, device=self.device, seed=self.recipe.train.seed)
-            load_into_single_process(checkpoint, model, None)
-        ev = self.recipe.eval
-        report = evaluate(model, self.eval_dataset, device=self.device, dtype=self.autocast_dtype,
-                          max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, max_samples=ev.max_samples)
-        sink.write(self.step, report.metrics())
-        log.info("step %d %s", self.step, report.summary())
-        for sid, want, got in report.examples[:6]:
-            log.info("  eval %s: expected %r, generated %r", sid, want, got)
-        return report
+    # -- the run ----------------------------------------------------------------------------
+    def run_eval(self, sink: MetricSink, checkpoint: Path | None = None) -> dict | None:
+        result = self.task.evaluate(self, checkpoint)
+        if result is None:
+            return None
+        metrics, line, summary = result
+        sink.write(self.step, metrics)
+        log.info("step %d %s", self.step, line)
+        return summary
 
     def fit(self) -> dict:
         r = self.recipe
@@ -323,7 +290,6 @@ class Trainer:
                  {k: f"{v / 1e6:.1f}M" for k, v in self.param_counts.items()}, self.trainable)
         progress = Progress(r.train.steps, self.step)
         window: list[StepResult] = []
-        report = None
         preemption = Preemption().install()  # SIGUSR1 / SIGTERM: checkpoint, requeue, exit
         while self.step < r.train.steps:
             res = self.train_step()
@@ -342,7 +308,7 @@ class Trainer:
             progress.update(self.step, f"loss {res.loss:.3f}")
             if r.checkpoint.every and self.step % r.checkpoint.every == 0 and not (last or stop):
                 self.save()
-            if r.eval.every and self.step % r.eval.every == 0 and not (last or stop) and self.engine is None:
+            if r.eval.every and self.step % r.eval.every == 0 and not (last or stop) and not self.topo.distributed:
                 self.run_eval(sink)
             if stop:
                 break
@@ -360,12 +326,14 @@ class Trainer:
     def _window_metrics(self, window: list[StepResult]) -> dict[str, float]:
         seconds = sum(w.seconds for w in window)
         flops = sum((w.flops for w in window), FlopCount())
-        loss_tokens = sum(w.loss_tokens for w in window)
+        count = sum(w.count for w in window)
+        unit = self.objective.unit
         metrics = {
-            "train/loss": sum(w.loss * w.loss_tokens for w in window) / max(loss_tokens, 1),
+            "train/loss": sum(w.loss * w.count for w in window) / max(count, 1),
             "train/lr": self.scheduler.get_last_lr()[0],
             "train/grad_norm": window[-1].grad_norm,
-            "train/loss_tokens": loss_tokens,
+            f"train/{unit}": count,
+            f"perf/{unit}_per_s": count / seconds,
             "perf/tokens_per_s": sum(w.tokens for w in window) / seconds,
             "perf/step_s": seconds / len(window),
             "perf/tflops": flops.total / seconds / 1e12,
@@ -374,7 +342,9 @@ class Trainer:
             "data/skipped": self.dataset.skips.total,
             "data/epoch": self.loader.epoch,
         }
-        report = getattr(self.loader, "last_report", None)
+        for name in self.objective.metric_names:
+            metrics[f"train/{name}"] = sum(w.metrics[name] * w.count for w in window) / max(count, 1)
+        report = self.loader.last_report
         if report:  # the balancer's predicted imbalance of the window's last step
             metrics["balance/vit_max_over_mean"] = report["vit"]["max_over_mean"]
             metrics["balance/llm_max_over_mean"] = report["llm"]["max_over_mean"]
@@ -383,6 +353,7 @@ class Trainer:
             if "predicted_step_s" in report:  # calibrated cost model: its error against the measured step
                 metrics["balance/predicted_step_s"] = report["predicted_step_s"]
                 metrics["balance/prediction_error"] = report["predicted_step_s"] / window[-1].seconds - 1
+        metrics.update(self.task.metrics())
         metrics["perf/tokens_per_s_per_device"] = metrics["perf/tokens_per_s"] / self.topo.world_size
         if self.peak:
             metrics["perf/mfu"] = flops.total / (seconds * self.topo.world_size * self.peak)
@@ -391,8 +362,6 @@ class Trainer:
     def _gather_skips(self) -> None:
         """Rank 0's skip log becomes the whole job's: each data-parallel rank's readers skip their
         own samples (the first stage-0 rank of each speaks for its group, which agrees)."""
-        import torch.distributed as dist
-
         t = self.topo
         if not t.distributed:
             return
@@ -406,7 +375,7 @@ class Trainer:
                 merged.entries.extend(Skip(**e) for e in state["entries"][:SkipLog.MAX_KEPT - len(merged.entries)])
             self.dataset.skips.counts, self.dataset.skips.entries = merged.counts, merged.entries
 
-    def _summary(self, report: EvalReport | None) -> dict:
+    def _summary(self, report: dict | None) -> dict:
         losses = [h["train/loss"] for h in self.history]
         out = {
             "name": self.recipe.name, "steps": self.step, "device": device_name(self.device),
@@ -415,30 +384,14 @@ class Trainer:
                       "examples": [vars(s) for s in self.dataset.skips.entries[:50]]},
             "peak_flops": self.peak,
         }
+        out.update(self.task.summary())
         if report is not None:
-            out["eval"] = {"exact_match": report.exact_match, "majority_baseline": report.majority_baseline,
-                           "per_type_majority_baseline": report.per_type_majority_baseline,
-                           "samples": report.samples, "by_type": report.by_type, "skipped": report.skipped}
+            out["eval"] = report
         return out
-
-
-def build_engine(model: KeyeVLModel, topo, recipe: Recipe, autocast_dtype):
-    """Apply the topology's layout to ``model`` and build the engine that steps it."""
-    from keyetron.parallel.engine import ParallelEngine, PipelineOptions, parallelize_keye
-
-    par = recipe.parallel
-    parallelize_keye(model, topo, sequence_parallel=par.sequence_parallel)
-    pipeline = None
-    if topo.dims.pp > 1:
-        pipeline = PipelineOptions(recipe.data.loader.row_tokens, recipe.train.grad_accum, par.schedule,
-                                   par.virtual_stages)
-    return ParallelEngine(model, topo, recipe.optim, sharding=par.sharding, autocast_dtype=autocast_dtype,
-                          pipeline=pipeline)
 
 
 def train(recipe: Recipe) -> dict:
     return Trainer(recipe).fit()
 
 
-__all__ = ["Trainer", "accumulate_gradients", "apply_freeze", "build_optimizer", "init_from_checkpoint",
-           "optimizer_param_groups", "train"]
+__all__ = ["StepResult", "Trainer", "apply_freeze", "train"]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from keyetron.data.batch import IGNORE_INDEX
+from keyetron.batch import IGNORE_INDEX
 from keyetron.data.dataset import DocumentBuilder, MediaConfig, SampleDataset, SkipLog
 from keyetron.data.sources import ConcatSource, JsonlSource, SourceError, TarShardSource, open_source
 from keyetron.data.tokenizer import KeyeTokenizer

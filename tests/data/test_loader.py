@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 
 from keyetron.data.dataset import DocumentBuilder, MediaConfig, SampleDataset
-from keyetron.data.loader import LoaderConfig, PackedLoader
+from keyetron.data.loader import LoaderConfig
+from keyetron.data.streaming_rows import StreamingRows
 from keyetron.data.packing import PADDING_SAMPLE_ID, PIECE_SEPARATOR
 from keyetron.data.sources import JsonlSource
 from keyetron.data.tokenizer import KeyeTokenizer
@@ -61,7 +62,7 @@ def rows_of_one_epoch(loader):
 
 
 def test_one_epoch_has_every_usable_sample_once_and_skips_are_counted(dataset_factory):
-    loader = PackedLoader(dataset_factory(), CFG)
+    loader = StreamingRows(dataset_factory(), CFG)
     rows = rows_of_one_epoch(loader)
     ids = Counter(s.split(PIECE_SEPARATOR)[0] for r in rows for s in r.sample_ids if s != PADDING_SAMPLE_ID)
     assert set(ids) == {f"t{i}" for i in range(40)} | {f"img{i}" for i in range(4)} | {"long"}
@@ -75,20 +76,20 @@ def test_one_epoch_has_every_usable_sample_once_and_skips_are_counted(dataset_fa
 
 
 def test_epochs_are_reshuffled_deterministically(dataset_factory):
-    a, b = PackedLoader(dataset_factory(), CFG), PackedLoader(dataset_factory(), CFG)
+    a, b = StreamingRows(dataset_factory(), CFG), StreamingRows(dataset_factory(), CFG)
     assert a.epoch_order(0) == b.epoch_order(0) and a.epoch_order(0) != a.epoch_order(1)
     assert sorted(a.epoch_order(1)) == list(range(len(a.dataset)))
 
 
 @pytest.mark.parametrize("stop_at", [1, 5, 11, 23])
 def test_resume_from_state_gives_exactly_the_same_rows(dataset_factory, stop_at):
-    reference = PackedLoader(dataset_factory(), CFG)
+    reference = StreamingRows(dataset_factory(), CFG)
     expected = [next(reference) for _ in range(stop_at + 25)]  # crosses into the second epoch
-    first = PackedLoader(dataset_factory(), CFG)
+    first = StreamingRows(dataset_factory(), CFG)
     for _ in range(stop_at):
         next(first)
     state = json.loads(json.dumps(first.state_dict()))  # checkpoints store plain data
-    resumed = PackedLoader(dataset_factory(), CFG)
+    resumed = StreamingRows(dataset_factory(), CFG)
     resumed.load_state_dict(state)
     for k in range(stop_at, stop_at + 25):
         assert same_rows(next(resumed), expected[k]), f"row {k} differs after resuming at row {stop_at}"
@@ -99,5 +100,5 @@ def test_an_epoch_without_a_usable_sample_stops_with_the_skip_summary(tmp_path, 
     (tmp_path / "m.jsonl").write_text(json.dumps({"id": "x", "task": "vqa"}) + "\n")
     ds = SampleDataset(JsonlSource(tmp_path / "m.jsonl"), DocumentBuilder(tiny_cfg, KeyeTokenizer()))
     with pytest.raises(RuntimeError, match="no usable sample") as info:
-        next(PackedLoader(ds, CFG))
+        next(StreamingRows(ds, CFG))
     assert "x [m.jsonl:1]" in str(info.value)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from keyetron.data.batch import IGNORE_INDEX, Document, PackedBatch
+from keyetron.batch import IGNORE_INDEX, Document, PackedBatch
 from keyetron.data.packing import (
     PADDING_SAMPLE_ID,
     OversizePolicy,
@@ -16,7 +16,7 @@ from keyetron.data.packing import (
     plan_rows,
 )
 from keyetron.model import build_model
-from synthetic import make_document
+from synthetic import lm_loss, make_document
 
 PAD = 151643
 
@@ -208,10 +208,10 @@ def test_packed_row_loss_equals_sum_over_documents_alone(tiny_cfg):
     assert any(padding_tokens(r) for r in result.rows)
     with torch.no_grad():
         for row in result.rows:
-            out = model(row)
-            alone = [model(PackedBatch.from_documents([docs[s]])) for s in row.sample_ids if s in docs]
+            out = lm_loss(model, row)
+            alone = [lm_loss(model, PackedBatch.from_documents([docs[s]])) for s in row.sample_ids if s in docs]
             torch.testing.assert_close(out.loss_sum, sum(a.loss_sum for a in alone), rtol=1e-12, atol=0)
-            assert int(out.num_tokens) == sum(int(a.num_tokens) for a in alone) == row.num_loss_tokens
+            assert int(out.count) == sum(int(a.count) for a in alone) == row.num_loss_tokens
 
 
 def stream(packer: RowPacker, docs) -> list[PackedBatch]:

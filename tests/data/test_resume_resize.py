@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from keyetron.data.dataset import DocumentBuilder, MediaConfig, SampleDataset
-from keyetron.data.loader import LoaderConfig, PackedLoader, reshard_loader_states
+from keyetron.data.loader import LoaderConfig
+from keyetron.data.streaming_rows import StreamingRows, reshard_streaming_states
 from keyetron.data.packing import PADDING_SAMPLE_ID
 from keyetron.data.sources import JsonlSource
 from keyetron.data.tokenizer import KeyeTokenizer
@@ -38,7 +39,7 @@ def dataset_factory(tmp_path_factory):
 
 
 def readers(dataset_factory, dp):
-    return [PackedLoader(dataset_factory(), CFG, dp_rank=r, dp_size=dp) for r in range(dp)]
+    return [StreamingRows(dataset_factory(), CFG, dp_rank=r, dp_size=dp) for r in range(dp)]
 
 
 def rows_until_epoch_end(loader, limit=None):
@@ -76,7 +77,7 @@ def test_resharded_readers_hand_out_every_remaining_sample_once(dataset_factory,
     assert len({s["cursor"] for s in states.values()}) > 1  # the readers stopped at different places
     assert any(s["pending"] or s["packer"]["buffered"] for s in states.values())  # with documents in flight
     new = readers(dataset_factory, new_dp)
-    for r, state in reshard_loader_states({int(k): v for k, v in states.items()}, new_dp).items():
+    for r, state in reshard_streaming_states({int(k): v for k, v in states.items()}, new_dp).items():
         new[r].load_state_dict(state)
     rows += [row for loader in new for row in rows_until_epoch_end(loader)]
     assert_every_usable_sample_once(rows)
@@ -87,28 +88,28 @@ def test_resizing_twice_still_hands_out_every_sample_once(dataset_factory):
     old = readers(dataset_factory, 4)
     rows = [row for loader, stop in zip(old, [1, 0, 2, 1]) for row in rows_until_epoch_end(loader, stop)]
     mid = readers(dataset_factory, 2)
-    for r, state in reshard_loader_states({r: x.state_dict() for r, x in enumerate(old)}, 2).items():
+    for r, state in reshard_streaming_states({r: x.state_dict() for r, x in enumerate(old)}, 2).items():
         mid[r].load_state_dict(state)
     rows += [row for loader, stop in zip(mid, [2, 1]) for row in rows_until_epoch_end(loader, stop)]
     new = readers(dataset_factory, 3)
-    for r, state in reshard_loader_states({r: x.state_dict() for r, x in enumerate(mid)}, 3).items():
+    for r, state in reshard_streaming_states({r: x.state_dict() for r, x in enumerate(mid)}, 3).items():
         new[r].load_state_dict(state)
     rows += [row for loader in new for row in rows_until_epoch_end(loader)]
     assert_every_usable_sample_once(rows)
 
 
 def test_a_reader_resumes_exactly_under_the_same_data_parallel_size(dataset_factory):
-    reference = PackedLoader(dataset_factory(), CFG, dp_rank=1, dp_size=2)
+    reference = StreamingRows(dataset_factory(), CFG, dp_rank=1, dp_size=2)
     expected = [next(reference) for _ in range(20)]  # crosses into the second epoch
-    first = PackedLoader(dataset_factory(), CFG, dp_rank=1, dp_size=2)
+    first = StreamingRows(dataset_factory(), CFG, dp_rank=1, dp_size=2)
     for _ in range(3):
         next(first)
-    resumed = PackedLoader(dataset_factory(), CFG, dp_rank=1, dp_size=2)
+    resumed = StreamingRows(dataset_factory(), CFG, dp_rank=1, dp_size=2)
     resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
     assert [r.sample_ids for r in (next(resumed) for _ in range(17))] == [r.sample_ids for r in expected[3:]]
 
 
 def test_a_state_of_another_size_must_be_resharded(dataset_factory):
-    state = PackedLoader(dataset_factory(), CFG, dp_rank=0, dp_size=2).state_dict()
-    with pytest.raises(ValueError, match="reshard_loader_states"):
-        PackedLoader(dataset_factory(), CFG).load_state_dict(state)
+    state = StreamingRows(dataset_factory(), CFG, dp_rank=0, dp_size=2).state_dict()
+    with pytest.raises(ValueError, match="reshard_streaming_states"):
+        StreamingRows(dataset_factory(), CFG).load_state_dict(state)

@@ -5,8 +5,9 @@ import torch
 pytest.importorskip("transformers")
 from transformers import Qwen3Config, Qwen3ForCausalLM  # noqa: E402
 
-from keyetron.data.batch import Document, PackedBatch  # noqa: E402
+from keyetron.batch import Document, PackedBatch  # noqa: E402
 from keyetron.model import build_model  # noqa: E402
+from synthetic import lm_loss  # noqa: E402
 
 
 def reference_qwen3(cfg):
@@ -48,9 +49,9 @@ def test_llm_logits_loss_and_grads_match_qwen3(tiny_cfg, theta):
     out = ref(input_ids=ids[None], labels=ids[None])
     assert (ours_logits - out.logits[0]).abs().max().item() <= 1e-5
 
-    loss = model(batch)
-    assert int(loss.num_tokens) == 36
-    ours_mean = loss.loss_sum / loss.num_tokens
+    loss = lm_loss(model, batch)
+    assert int(loss.count) == 36
+    ours_mean = loss.loss_sum / loss.count
     assert abs(ours_mean.item() - out.loss.item()) <= 1e-5
 
     ours_mean.backward()

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from keyetron.data.batch import PackedBatch
+from keyetron.batch import PackedBatch
 from keyetron.model import build_model, set_activation_checkpointing
-from synthetic import make_document
+from synthetic import lm_loss, make_document
 
 
 def documents(cfg):
@@ -27,20 +27,20 @@ def test_packed_row_gives_each_documents_own_outputs_and_loss(tiny_cfg):
     for i, doc in enumerate(docs):
         alone = PackedBatch.from_documents([doc])
         torch.testing.assert_close(logits[bounds[i]:bounds[i + 1]], model.logits(alone), rtol=0, atol=1e-10)
-        total = total + model(alone).loss_sum
-    out = model(packed)
+        total = total + lm_loss(model, alone).loss_sum
+    out = lm_loss(model, packed)
     torch.testing.assert_close(out.loss_sum, total, rtol=1e-12, atol=0)
-    assert int(out.num_tokens) == packed.num_loss_tokens
+    assert int(out.count) == packed.num_loss_tokens
 
 
 def test_gradients_of_packed_row_equal_sum_over_documents(tiny_cfg):
     model = build_model(tiny_cfg, dtype=torch.float64, seed=0)
     docs = documents(tiny_cfg)
-    model(PackedBatch.from_documents(docs)).loss_sum.backward()
+    lm_loss(model, PackedBatch.from_documents(docs)).loss_sum.backward()
     packed_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     for doc in docs:
-        model(PackedBatch.from_documents([doc])).loss_sum.backward()
+        lm_loss(model, PackedBatch.from_documents([doc])).loss_sum.backward()
     for n, p in model.named_parameters():
         torch.testing.assert_close(packed_grads[n], p.grad, rtol=1e-9, atol=1e-12, msg=n)
 
@@ -54,7 +54,7 @@ def test_activation_checkpointing_changes_nothing_but_memory(tiny_cfg):
         calls = {0: 0, 1: 0}
         for i in calls:
             model.llm.layers[i].mlp.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
-        model(batch).loss_sum.backward()
+        lm_loss(model, batch).loss_sum.backward()
         # A checkpointed block runs its forward again during backward; the others do not.
         assert calls == ({0: 1, 1: 2} if ac else {0: 1, 1: 1})
         grads.append([p.grad for p in model.parameters()])

@@ -20,7 +20,7 @@ from keyetron.model.siglip_text import (  # noqa: E402
     save_siglip_checkpoint,
     text_config_from_hf,
 )
-from keyetron.train.contrastive import build_contrastive_objective  # noqa: E402
+from keyetron.objectives.contrastive import build_contrastive_objective  # noqa: E402
 
 TEXT = SiglipTextConfig(vocab_size=99, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=48,
                         max_length=16, projection_size=24, layer_norm_eps=1e-6)

@@ -6,12 +6,15 @@ import dataclasses
 
 import torch
 
-from keyetron.data.batch import PackedBatch
+from keyetron.batch import PackedBatch
 from keyetron.data.packing import build_row
 from keyetron.model import build_model, load_model_config
-from keyetron.train.recipe import OptimSection
-from keyetron.train.trainer import accumulate_gradients, optimizer_param_groups
-from synthetic import make_document
+from keyetron.objectives import LanguageModelObjective
+from keyetron.optim import OptimSection, optimizer_param_groups
+from keyetron.parallel.config import ParallelConfig
+from keyetron.parallel.engine import ParallelEngine
+from keyetron.parallel.parallelize import parallelize_keye
+from synthetic import accumulate_gradients, make_document
 
 OPTIM = OptimSection(lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, clip_grad=0.5,
                      lr_scale={"vit": 2.0})
@@ -50,17 +53,29 @@ def fresh_model(cfg=None):
     return build_model(cfg or tiny_config(), dtype=torch.float64, seed=0)
 
 
-def reference_run(steps: int, n_rows: int, cfg=None, row_tokens: int | None = None
-                  ) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """Single process: all rows of a step accumulated, global-norm clipping, AdamW."""
+def build_engine(model, topo, *, sharding: str = "zero1", sequence_parallel: bool = True, schedule: str = "1f1b",
+                 virtual: int = 1, row_tokens: int | None = None, micro_batches: int = 1, objective=None,
+                 bucket_numel: int | None = None) -> ParallelEngine:
+    """The layout installed on ``model`` and the engine that steps it with the LM objective."""
+    cfg = ParallelConfig(sharding=sharding, sequence_parallel=sequence_parallel, schedule=schedule,
+                         virtual_stages=virtual)
+    par = parallelize_keye(model, topo, cfg, row_tokens=row_tokens, micro_batches=micro_batches)
+    return ParallelEngine(par, objective or LanguageModelObjective(), OPTIM, bucket_numel=bucket_numel)
+
+
+def reference_run(steps: int, n_rows: int, cfg=None, row_tokens: int | None = None, objective=None,
+                  rows_of=None) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """Single process: all rows of a step accumulated, global-norm clipping, AdamW (default
+    objective: the language model's; default rows: ``step_rows``, else ``rows_of(step)``)."""
+    objective = objective or LanguageModelObjective()
     model = fresh_model(cfg)
     opt = torch.optim.AdamW(optimizer_param_groups(model, OPTIM), betas=OPTIM.betas, eps=OPTIM.eps)
     losses = []
     for step in range(steps):
-        rows = step_rows(step, n_rows, cfg, row_tokens)
+        rows = rows_of(step) if rows_of else step_rows(step, n_rows, cfg, row_tokens)
         opt.zero_grad(set_to_none=True)
-        total = accumulate_gradients(model, rows, "cpu", None)
+        total = accumulate_gradients(model, rows, "cpu", None, objective)
         torch.nn.utils.clip_grad_norm_(model.parameters(), OPTIM.clip_grad)
         opt.step()
-        losses.append(total / sum(r.num_loss_tokens for r in rows))
+        losses.append(total / sum(objective.count(r) for r in rows))
     return losses, {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from distributed import run_ranks
-from keyetron.parallel.checkpoint import flat_range_blocks, load_distributed, load_into_single_process, save_distributed
-from keyetron.parallel.engine import ParallelEngine, parallelize_keye
+from keyetron.parallel.sharded_checkpoint import flat_range_blocks, load_distributed, load_into_single_process, save_distributed
 from keyetron.parallel.topology import ParallelDims, Topology
-from keyetron.train.trainer import accumulate_gradients, optimizer_param_groups
-from layouts import OPTIM, fresh_model, reference_run, step_rows, tiny_config
+from keyetron.optim import optimizer_param_groups
+from synthetic import accumulate_gradients
+from layouts import OPTIM, build_engine, fresh_model, reference_run, step_rows, tiny_config
 
 ROWS = 2
 EXTRA = {"step": 2, "scheduler": {"last_epoch": 2, "base_lrs": [0.01, 0.02]}}
@@ -35,8 +35,7 @@ def _my_rows(topo, step):
 
 def _build(topo, zero1):
     model = fresh_model()
-    parallelize_keye(model, topo, sequence_parallel=True)
-    return model, ParallelEngine(model, topo, OPTIM, zero1=zero1)
+    return model, build_engine(model, topo, sharding="zero1" if zero1 else "none")
 
 
 def training_state(model, optimizer) -> dict[str, torch.Tensor]:

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from distributed import run_ranks
-from keyetron.parallel.checkpoint import load_distributed, load_into_single_process, save_distributed
-from keyetron.parallel.engine import ParallelEngine, PipelineOptions, parallelize_keye
+from keyetron.parallel.sharded_checkpoint import load_distributed, load_into_single_process, save_distributed
 from keyetron.parallel.topology import ParallelDims, Topology
-from keyetron.train.trainer import accumulate_gradients, optimizer_param_groups
-from layouts import OPTIM, PP_LAYERS, PP_ROW, fresh_model, reference_run, step_rows, tiny_config
+from keyetron.optim import optimizer_param_groups
+from synthetic import accumulate_gradients
+from layouts import OPTIM, PP_LAYERS, PP_ROW, build_engine, fresh_model, reference_run, step_rows, tiny_config
 
 ROWS = 2
 
@@ -20,9 +20,7 @@ def _rows(topo, step):
 
 def _engine(topo):
     model = fresh_model(tiny_config(PP_LAYERS))
-    parallelize_keye(model, topo, sequence_parallel=True)
-    pipeline = PipelineOptions(PP_ROW, ROWS // topo.dims.dp) if topo.dims.pp > 1 else None
-    return model, ParallelEngine(model, topo, OPTIM, zero1=True, pipeline=pipeline)
+    return model, build_engine(model, topo, row_tokens=PP_ROW, micro_batches=ROWS // topo.dims.dp)
 
 
 def _save_under_pp2xtp2(rank, world, path):

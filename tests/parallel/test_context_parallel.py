@@ -6,9 +6,11 @@ import torch.distributed as dist
 
 from distributed import run_ranks
 from keyetron.backend.attention import varlen_attention
-from keyetron.data.batch import IGNORE_INDEX, PackedBatch
+from keyetron.batch import IGNORE_INDEX, PackedBatch
 from keyetron.model import build_model
+from keyetron.objectives import LanguageModelObjective
 from keyetron.parallel.context_parallel import ContextParallelAttention, gather_tokens, plan_context_parallel
+from keyetron.parallel.parallelize import parallelize_keye
 from keyetron.parallel.topology import ParallelDims, Topology
 from synthetic import make_document
 
@@ -162,11 +164,10 @@ def tiny_row(cfg):
 def _tiny_model_cp(rank, world, model, batch, ref_loss, ref_grads):
     topo = Topology.from_process_group(ParallelDims(cp=world), "cpu")
     group = topo.group("cp")
-    plan = plan_context_parallel(batch.cu_seqlens, topo.dims.cp)
-    local = plan.shard_batch(batch, topo.cp_rank)
-    hidden = plan.shard_tokens(model.embed(batch), topo.cp_rank)  # the full row's embeddings, sliced
-    attention = ContextParallelAttention(plan, topo.cp_rank, group)
-    loss = model.loss(model.llm.decode(hidden, local.position_ids, attention), local.targets)
+    par = parallelize_keye(model, topo)  # CP attention and the ViT shared over the CP ranks
+    local = par.slicer(batch)  # this rank's slice of the row
+    plan = local.attention.plan
+    loss = LanguageModelObjective()(model(local), local)
     loss.loss_sum.backward()
     total = loss.loss_sum.detach().clone()
     dist.all_reduce(total, group=group)
@@ -182,7 +183,7 @@ def _tiny_model_cp(rank, world, model, batch, ref_loss, ref_grads):
 def test_tiny_model_under_cp2_equals_the_single_process_loss_and_gradients(tiny_cfg):
     model = build_model(tiny_cfg, dtype=torch.float64, seed=0)
     batch = tiny_row(tiny_cfg)
-    loss = model(batch).loss_sum
+    loss = LanguageModelObjective()(model(batch), batch).loss_sum
     loss.backward()
     loss = float(loss.detach())
     ref_grads = {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for n, p in model.named_parameters()}

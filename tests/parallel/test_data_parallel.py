@@ -3,9 +3,8 @@ import pytest
 import torch
 
 from distributed import run_ranks
-from keyetron.parallel.engine import ParallelEngine
 from keyetron.parallel.topology import ParallelDims, Topology
-from layouts import OPTIM, fresh_model, reference_run, step_rows
+from layouts import OPTIM, build_engine, fresh_model, reference_run, step_rows
 
 STEPS, ROWS = 3, 4
 
@@ -13,7 +12,7 @@ STEPS, ROWS = 3, 4
 def _dp_run(rank, world, zero1):
     topo = Topology.from_process_group(ParallelDims(dp=world), "cpu")
     model = fresh_model()
-    engine = ParallelEngine(model, topo, OPTIM, zero1=zero1)
+    engine = build_engine(model, topo, sharding="zero1" if zero1 else "none")
     losses = []
     per_rank = ROWS // world
     for step in range(STEPS):
@@ -40,7 +39,7 @@ def test_data_parallel_equals_single_process(reference, world, zero1):
 def test_clipping_was_active_in_the_reference(reference):
     """The comparison is only meaningful if the global-norm clip changed the update."""
     model = fresh_model()
-    from keyetron.train.trainer import accumulate_gradients
+    from synthetic import accumulate_gradients
     accumulate_gradients(model, step_rows(0, ROWS), "cpu", None)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
     assert float(norm) > OPTIM.clip_grad

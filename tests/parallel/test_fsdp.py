@@ -4,10 +4,12 @@ import pytest
 import torch
 
 from distributed import run_ranks
-from keyetron.parallel.engine import ParallelEngine, parallelize_keye
+from keyetron.parallel.config import ParallelConfig
+from keyetron.parallel.fsdp import apply_fsdp
+from keyetron.parallel.parallelize import parallelize_keye
 from keyetron.parallel.topology import ParallelDims, Topology
-from keyetron.train.trainer import accumulate_gradients
-from layouts import OPTIM, fresh_model, reference_run, step_rows
+from synthetic import accumulate_gradients
+from layouts import build_engine, fresh_model, reference_run, step_rows
 
 STEPS, ROWS = 3, 2
 
@@ -19,8 +21,7 @@ def full(p):
 def _run(rank, world, dims):
     topo = Topology.from_process_group(dims, "cpu")
     model = fresh_model()
-    parallelize_keye(model, topo)
-    engine = ParallelEngine(model, topo, OPTIM, sharding="fsdp2")
+    engine = build_engine(model, topo, sharding="fsdp2")
     per_rank = ROWS // topo.dims.dp
     losses, norms = [], []
     for step in range(STEPS):
@@ -68,8 +69,7 @@ def _local_storage(rank, world, dims):
     model = fresh_model()
     full_llm = sum(p.numel() for p in model.llm.parameters())
     full_vit = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("llm."))
-    parallelize_keye(model, topo)
-    ParallelEngine(model, topo, OPTIM, sharding="fsdp2")
+    build_engine(model, topo, sharding="fsdp2")
     local_llm = sum(p.to_local().numel() for p in model.llm.parameters())
     local_vit = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("llm."))
     return full_llm, local_llm, full_vit, local_vit
@@ -86,8 +86,8 @@ def test_fsdp2_shards_the_llm_weights(dims, world):
 def test_fsdp2_refuses_pipeline_stages_and_unknown_shardings():
     pp2 = Topology(ParallelDims(pp=2, dp=1), 0, "cpu")  # refused before any collective
     with pytest.raises(ValueError, match="FSDP2 with pipeline parallelism"):
-        ParallelEngine(fresh_model(), pp2, OPTIM, sharding="fsdp2")
+        parallelize_keye(fresh_model(), pp2, ParallelConfig(sharding="fsdp2"))
     with pytest.raises(ValueError, match="sharding='zero3'"):
-        ParallelEngine(fresh_model(), Topology.single(), OPTIM, sharding="zero3")
+        ParallelConfig(sharding="zero3")
     with pytest.raises(ValueError, match="needs a distributed topology"):
-        ParallelEngine(fresh_model(), Topology.single(), OPTIM, sharding="fsdp2")
+        apply_fsdp(fresh_model(), Topology.single())

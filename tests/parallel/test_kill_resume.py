@@ -17,7 +17,7 @@ import time
 import pytest
 
 from keyetron.data.demo import make_demo
-from keyetron.train.checkpoint import resolve_checkpoint
+from keyetron.checkpoint import resolve_checkpoint
 
 TIMEOUT_S = 240
 

@@ -4,9 +4,8 @@ import pytest
 import torch
 
 from distributed import run_ranks
-from keyetron.parallel.engine import ParallelEngine, parallelize_keye
 from keyetron.parallel.topology import ParallelDims, Topology
-from layouts import OPTIM, fresh_model, reference_run, step_rows
+from layouts import build_engine, fresh_model, reference_run, step_rows
 
 STEPS, ROWS = 3, 2
 
@@ -14,8 +13,7 @@ STEPS, ROWS = 3, 2
 def _run(rank, world, dims, zero1, sp):
     topo = Topology.from_process_group(dims, "cpu")
     model = fresh_model()
-    parallelize_keye(model, topo, sequence_parallel=sp)
-    engine = ParallelEngine(model, topo, OPTIM, zero1=zero1)
+    engine = build_engine(model, topo, sharding="zero1" if zero1 else "none", sequence_parallel=sp)
     dp = topo.dims.dp
     losses = []
     for step in range(STEPS):

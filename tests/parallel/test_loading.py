@@ -9,17 +9,19 @@ import torch
 
 import keyetron.data.dataset as dataset_module
 from distributed import run_ranks
-from keyetron.data.batch import IGNORE_INDEX
+from keyetron.batch import IGNORE_INDEX
 from keyetron.data.dataset import DocumentBuilder, MediaConfig, SampleDataset
 from keyetron.data.demo import make_demo
-from keyetron.data.loader import LoaderConfig, PackedLoader
+from keyetron.data.cost_index import build_cost_index
+from keyetron.data.loader import LoaderConfig
+from keyetron.data.streaming_rows import StreamingRows
 from keyetron.data.packing import PADDING_SAMPLE_ID
 from keyetron.data.sources import open_source
 from keyetron.data.tokenizer import KeyeTokenizer
 from keyetron.model import load_model_config
-from keyetron.parallel.balance import CostModel
-from keyetron.parallel.balanced_loading import BalancedRows, build_cost_index
-from keyetron.parallel.loading import TopologyLoader, balanced_owners
+from keyetron.parallel.balanced_rows import BalancedRows
+from keyetron.parallel.balancer import CostModel
+from keyetron.parallel.loading import balanced_owners, build_loader
 from keyetron.parallel.topology import ParallelDims, Topology
 
 MEDIA = MediaConfig(image_max_tokens=16, video_total_tokens=96, video_fps=1.0)
@@ -63,8 +65,8 @@ def _load(rank, world, manifest, dims, costs=None):
     dataset_module.decode_media = counted
     try:
         cfg = BALANCED if costs else LOADER
-        loader = TopologyLoader(dataset, cfg, pad_token_id=0, topo=topo, fetch_size=5, costs=costs, rows_per_step=ROWS,
-                                cost_model=MODEL)
+        loader = build_loader(dataset, cfg, topo, pad_token_id=0, fetch_size=5, costs=costs, rows_per_step=ROWS,
+                              cost_model=MODEL)
         steps = []
         for _ in range(STEPS):
             rows = loader.next_rows(ROWS)
@@ -74,7 +76,7 @@ def _load(rank, world, manifest, dims, costs=None):
                 "items": 0 if r.vision_grid_thw is None else r.vision_grid_thw.shape[0],
                 "local_patches": 0 if r.pixel_values is None else r.pixel_values.shape[0],
                 "local_items": r.local_items(topo.cp_rank * topo.dims.tp + topo.tp_rank)
-                if r.vision_owner is not None else None,
+                if getattr(r, "vision_owner", None) is not None else None,
             } for r in rows])
     finally:
         dataset_module.decode_media = decode
@@ -86,7 +88,7 @@ def reference_rows(manifest, dp_rank, dp, costs=None):
     if costs:
         loader = BalancedRows(dataset, BALANCED, costs, ROWS, 0, dp_rank, dp, MODEL)
     else:
-        loader = PackedLoader(dataset, LOADER, pad_token_id=0, dp_rank=dp_rank, dp_size=dp)
+        loader = StreamingRows(dataset, LOADER, pad_token_id=0, dp_rank=dp_rank, dp_size=dp)
     return [loader.next_rows(ROWS) for _ in range(STEPS)]
 
 
@@ -147,7 +149,7 @@ def test_every_sample_of_a_step_is_opened_and_decoded_once_in_the_whole_job(demo
 def test_rows_do_not_depend_on_how_many_records_are_fetched_at_once(demo):
     def rows(fetch):
         dataset, _ = instrumented_dataset(demo)
-        loader = PackedLoader(dataset, LOADER, pad_token_id=0, fetch_size=fetch)
+        loader = StreamingRows(dataset, LOADER, pad_token_id=0, fetch_size=fetch)
         return [next(loader) for _ in range(8)]
 
     for a, b in zip(rows(1), rows(7)):

@@ -4,10 +4,9 @@ import pytest
 import torch
 
 from distributed import run_ranks
-from keyetron.parallel.engine import ParallelEngine, PipelineOptions, parallelize_keye
 from keyetron.parallel.pipeline import split_layers
 from keyetron.parallel.topology import ParallelDims, Topology
-from layouts import OPTIM, PP_LAYERS, PP_ROW, fresh_model, reference_run, step_rows, tiny_config
+from layouts import PP_LAYERS, PP_ROW, build_engine, fresh_model, reference_run, step_rows, tiny_config
 
 STEPS, ROWS = 3, 4
 
@@ -16,10 +15,9 @@ def _run(rank, world, dims, schedule, virtual, zero1):
     cfg = tiny_config(PP_LAYERS)
     topo = Topology.from_process_group(dims, "cpu")
     model = fresh_model(cfg)
-    parallelize_keye(model, topo, sequence_parallel=True)
     per_rank = ROWS // topo.dims.dp
-    engine = ParallelEngine(model, topo, OPTIM, zero1=zero1,
-                            pipeline=PipelineOptions(PP_ROW, per_rank, schedule, virtual))
+    engine = build_engine(model, topo, sharding="zero1" if zero1 else "none", schedule=schedule, virtual=virtual,
+                          row_tokens=PP_ROW, micro_batches=per_rank)
     losses = []
     for step in range(STEPS):
         rows = step_rows(step, ROWS, cfg, PP_ROW)[topo.dp_rank * per_rank:(topo.dp_rank + 1) * per_rank]

@@ -12,7 +12,7 @@ from keyetron.data.demo import make_demo
 from keyetron.data.loader import LoaderConfig, epoch_order
 from keyetron.data.packing import PIECE_SEPARATOR
 from keyetron.parallel.topology import ParallelDims, Topology
-from keyetron.train.checkpoint import step_dir
+from keyetron.checkpoint import step_dir
 from keyetron.train.recipe import load_recipe
 from keyetron.train.trainer import Trainer
 

@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from distributed import run_ranks
-from keyetron.parallel.checkpoint import load_distributed, load_into_single_process, save_distributed
-from keyetron.parallel.engine import ParallelEngine, PipelineOptions, parallelize_keye
+from keyetron.parallel.sharded_checkpoint import load_distributed, load_into_single_process, save_distributed
 from keyetron.parallel.topology import ParallelDims, Topology
 from keyetron.parallel.zero2 import split_buckets
-from keyetron.train.recipe import ParallelSection
-from keyetron.train.trainer import accumulate_gradients, optimizer_param_groups
-from layouts import OPTIM, PP_LAYERS, PP_ROW, fresh_model, reference_run, step_rows, tiny_config
+from keyetron.parallel.config import ParallelConfig
+from keyetron.optim import optimizer_param_groups
+from synthetic import accumulate_gradients
+from layouts import OPTIM, PP_LAYERS, PP_ROW, build_engine, fresh_model, reference_run, step_rows, tiny_config
 
 STEPS, MICRO = 3, 2  # optimizer steps; packed rows (micro-batches) per data-parallel rank and step
 BUCKET = 3000  # elements: several buckets per group, the 4.9M-element embedding and head alone in theirs
@@ -23,16 +23,16 @@ def full(p):
     return (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
 
 
-def _build(topo, cfg=None, pipeline=None, sharding="zero2", bucket=BUCKET):
+def _build(topo, cfg=None, pp=False, sharding="zero2", bucket=BUCKET):
     model = fresh_model(cfg)
-    parallelize_keye(model, topo)
-    return model, ParallelEngine(model, topo, OPTIM, sharding=sharding, pipeline=pipeline, bucket_numel=bucket)
+    return model, build_engine(model, topo, sharding=sharding, bucket_numel=bucket, row_tokens=PP_ROW if pp else None,
+                               micro_batches=MICRO)
 
 
 def _run(rank, world, dims, pp, bucket):
     topo = Topology.from_process_group(dims, "cpu")
     cfg, row = (tiny_config(PP_LAYERS), PP_ROW) if pp else (None, None)
-    model, engine = _build(topo, cfg, PipelineOptions(PP_ROW, MICRO) if pp else None, bucket=bucket)
+    model, engine = _build(topo, cfg, pp, bucket=bucket)
     n_rows = MICRO * topo.dims.dp
     losses, norms = [], []
     for step in range(STEPS):
@@ -116,9 +116,9 @@ def test_zero2_holds_a_gradient_slice_never_the_full_gradient(dims, world):
 
 
 def test_recipe_accepts_zero2():
-    assert ParallelSection(sharding="zero2").sharding == "zero2"
+    assert ParallelConfig(sharding="zero2").sharding == "zero2"
     with pytest.raises(ValueError, match="zero2"):
-        ParallelSection(sharding="zero4")
+        ParallelConfig(sharding="zero4")
 
 
 def test_buckets_tile_the_group_and_pad_each_to_the_ranks():

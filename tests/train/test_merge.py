@@ -13,9 +13,9 @@ from keyetron.cli import main
 from keyetron.config import ConfigError
 from keyetron.model import build_model, load_model_config
 from keyetron.model.hf_checkpoint import load_hf_model, save_hf_checkpoint
-from keyetron.parallel.checkpoint import save_distributed
+from keyetron.parallel.sharded_checkpoint import save_distributed
 from keyetron.parallel.topology import Topology
-from keyetron.train.checkpoint import mark_distributed_checkpoint, save_checkpoint
+from keyetron.checkpoint import mark_distributed_checkpoint, save_checkpoint
 from keyetron.train.merge import MergeError, load_merge_recipe, merge, recipe_from_cli
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -86,12 +86,12 @@ def test_one_checkpoint_with_weight_one_comes_back_bitwise_and_loads_into_the_mo
 
 
 def _save_under_tp2(rank, world, path):
-    from keyetron.parallel.engine import parallelize_keye
+    from keyetron.parallel.parallelize import parallelize_keye
     from keyetron.parallel.topology import ParallelDims
 
     topo = Topology.from_process_group(ParallelDims(tp=2), "cpu")
     model = build_model(load_model_config("tiny"), dtype=torch.float64, seed=5)
-    parallelize_keye(model, topo, sequence_parallel=True)
+    parallelize_keye(model, topo)
     save_distributed(path, model, None, topo, {})
     return True
 

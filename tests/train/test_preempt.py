@@ -11,7 +11,7 @@ import torch
 
 from distributed import run_ranks
 from keyetron.data.demo import make_demo
-from keyetron.train.entry import run
+from keyetron.train.run import run
 from keyetron.train.preempt import EXIT_PREEMPTED, Preemption
 from keyetron.train.recipe import load_recipe
 from keyetron.train.trainer import Trainer

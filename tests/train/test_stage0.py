@@ -16,14 +16,14 @@ from keyetron.data.demo import make_demo
 from keyetron.model import build_model, load_model_config
 from keyetron.model.siglip_text import load_text_config, save_siglip_checkpoint
 from keyetron.parallel.topology import ParallelDims, Topology
-from keyetron.train.checkpoint import step_dir
-from keyetron.train.contrastive import build_contrastive_objective
+from keyetron.checkpoint import step_dir
+from keyetron.objectives.contrastive import ContrastiveObjective, build_contrastive_objective
 from keyetron.train.recipe import load_recipe
-from keyetron.train.stage0 import CONTRASTIVE_FILE, ContrastiveTrainer
 from keyetron.train.trainer import Trainer
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 TWIN = RECIPES / "tiny" / "stage0_vit.yaml"
+CONTRASTIVE_FILE = f"{ContrastiveObjective.name}.safetensors"  # the objective's parameters, beside the model
 
 
 @pytest.fixture(scope="module")
@@ -106,32 +106,32 @@ def test_a_stage1_recipe_starts_from_the_stage0_checkpoint_with_its_vit_bit_for_
 
 def twin_recipe(demo, out, batch_size, *more):
     return load_recipe(TWIN, overrides(demo, out, f"contrastive.batch_size={batch_size}", "optim.clip_grad=null",
-                                       "train.steps=2", "eval.every=0", *more))
+                                       "train.steps=2", "eval.every=0", "parallel.sharding=none", *more))
 
 
 def _dp_first_step_then_fit(rank, world, demo, out):
-    trainer = ContrastiveTrainer(twin_recipe(demo, out, 4), topo=Topology.from_process_group(ParallelDims(dp=2), "cpu"))
+    trainer = Trainer(twin_recipe(demo, out, 4), topo=Topology.from_process_group(ParallelDims(dp=2), "cpu"))
     first = trainer.train_step()
-    grads = {n: p.grad.clone() for n, p in trainer.objective.named_parameters() if p.grad is not None}
+    grads = {n: p.grad.clone() for n, p in trainer.engine.modules.named_parameters() if p.grad is not None}
     trainer.fit()  # the second step, a checkpoint by rank 0, the end of the run
-    return first.loss, first.pairs, grads, losses(out)[2] if rank == 0 else None
+    return first.loss, first.count, grads, losses(out)[2] if rank == 0 else None
 
 
 def test_two_data_parallel_ranks_step_like_one_process_over_the_union_batch(demo, tmp_path):
     results = run_ranks(2, _dp_first_step_then_fit, demo, tmp_path / "dp")
-    one = ContrastiveTrainer(twin_recipe(demo, tmp_path / "one", 8))
+    one = Trainer(twin_recipe(demo, tmp_path / "one", 8))
     first = one.train_step()
-    want = {n: p.grad for n, p in one.objective.named_parameters() if p.grad is not None}
+    want = {n: p.grad for n, p in one.engine.modules.named_parameters() if p.grad is not None}
     second = one.train_step()
     for loss, pairs, grads, _ in results:
-        assert pairs == first.pairs == 8 and loss == pytest.approx(first.loss, rel=1e-5)
+        assert pairs == first.count == 8 and loss == pytest.approx(first.loss, rel=1e-5)
         assert grads.keys() == want.keys()
         for name, g in grads.items():
             torch.testing.assert_close(g, want[name], rtol=1e-4, atol=1e-6, msg=name)
     assert results[0][3] == pytest.approx(second.loss, rel=1e-4)
-    # The data-parallel checkpoint is the single-process layout: one process resumes it where it ended.
+    # One process resumes the data-parallel checkpoint where it ended.
     checkpoint = step_dir(tmp_path / "dp" / "checkpoints", 2)
-    resumed = ContrastiveTrainer(twin_recipe(demo, tmp_path / "again", 8, "train.steps=3",
+    resumed = Trainer(twin_recipe(demo, tmp_path / "again", 8, "train.steps=3",
                                              f"checkpoint.resume={checkpoint}"))
     assert resumed.step == 2 and resumed.loader.state_dict() == one.loader.state_dict()
 
@@ -144,11 +144,11 @@ def test_a_siglip_checkpoint_supplies_the_text_tower_head_logits_and_optionally_
     save_siglip_checkpoint(siglip, tmp_path / "siglip")  # no tokenizer files: captions use Qwen3's
     want = siglip.state_dict()
     for load_vit in (False, True):
-        trainer = ContrastiveTrainer(twin_recipe(demo, tmp_path / f"run{load_vit}", 8,
+        trainer = Trainer(twin_recipe(demo, tmp_path / f"run{load_vit}", 8,
                                                  f"contrastive.siglip_checkpoint={tmp_path / 'siglip'}",
                                                  f"contrastive.load_vit={str(load_vit).lower()}"))
-        assert trainer.objective.vit is trainer.model.vit  # what stage 0 trains is what its checkpoints hold
-        for name, value in trainer.objective.state_dict().items():
+        assert trainer.checkpointed.vit is trainer.model.vit  # what stage 0 trains is what its checkpoints hold
+        for name, value in trainer.engine.modules.state_dict().items():
             if value.dim() >= 2 or name.startswith("logit_"):  # (zero biases and unit norms match anyway)
                 assert torch.equal(value, want[name]) == (load_vit or not name.startswith("vit.")), name
 

@@ -11,7 +11,7 @@ import torch
 from distributed import run_ranks
 from keyetron.data.demo import make_demo
 from keyetron.parallel.topology import ParallelDims, Topology
-from keyetron.train.checkpoint import step_dir
+from keyetron.checkpoint import step_dir
 from keyetron.train.recipe import load_recipe
 from keyetron.train.trainer import Trainer
 

@@ -6,12 +6,17 @@ import torch
 
 from keyetron.cli import main
 from keyetron.config import ConfigError
-from keyetron.data.batch import PackedBatch
+from keyetron.batch import PackedBatch
 from keyetron.data.demo import make_demo
 from keyetron.model import build_model
 from keyetron.model.generate import greedy_generate
 from keyetron.train.recipe import load_recipe
-from keyetron.train.trainer import Trainer, accumulate_gradients
+from keyetron.objectives import LanguageModelObjective
+from keyetron.optim import OptimSection
+from keyetron.parallel.engine import ParallelEngine
+from keyetron.parallel.parallelize import parallelize_keye
+from keyetron.parallel.topology import Topology
+from keyetron.train.trainer import Trainer
 from synthetic import make_document
 
 
@@ -45,11 +50,15 @@ def test_accumulated_gradients_equal_one_big_batch(tiny_cfg):
             for i, (t, im) in enumerate([(5, [(4, 4)]), (9, []), (3, [(2, 4)]), (12, [])])]
     model = build_model(tiny_cfg, dtype=torch.float64, seed=0)
     rows = [PackedBatch.from_documents(docs[:1]), PackedBatch.from_documents(docs[1:])]
-    total = accumulate_gradients(model, rows, "cpu", None)
+    objective = LanguageModelObjective()
+    engine = ParallelEngine(parallelize_keye(model, Topology.single()), objective, OptimSection())
+    _, sums = engine.forward_backward(rows)  # the trainer's step, before the optimizer update
+    total = float(sums[0])
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
-    out = model(PackedBatch.from_documents(docs))
-    (out.loss_sum / out.num_tokens).backward()
+    batch = PackedBatch.from_documents(docs)
+    out = objective(model(batch), batch)
+    (out.loss_sum / out.count).backward()
     assert total == pytest.approx(float(out.loss_sum.detach()), rel=1e-12)
     for n, p in model.named_parameters():
         if p.grad is not None:

@@ -1,1 +1,0 @@
-"""Benchmarks run from the ``keyetron bench`` command."""
