@@ -9,8 +9,12 @@ returns for the same part: one call, one result. Behind it:
 - when no attempt succeeds the part is decoded here, and the fallback counted by reason;
 - an unusable file comes back as the same ``MediaError`` local decoding raises, so the
   dataset's counted-skip handling is unchanged;
-- a server that refuses our secret raises ``AuthenticationError``: that is a misconfigured
-  job, not something to paper over by silently decoding everything locally.
+- a server that refuses our secret, or cannot prove it knows it (an impostor), raises
+  ``AuthenticationError`` before any request is sent to it: that is a misconfigured job, not
+  something to paper over by silently decoding everything locally;
+- a reply whose authentication tag fails (altered, replayed or reflected on the way) is
+  refused like a corrupt one: the connection is dropped, the failure counted as "protocol",
+  and the part asked of the next server (or decoded here).
 
 A reply is only accepted on the connection its request went out on, with its id; any failure
 closes that connection, so a late reply can never be taken for another request: no sample is
@@ -45,7 +49,9 @@ class DecoderStats:
     local: int = 0  # decoded here after every attempt failed
     media_errors: int = 0  # unusable files reported by a server (raised as MediaError)
     busy: int = 0  # "busy" replies received (each one retried)
-    failures: Counter = field(default_factory=Counter)  # failed attempts and fallbacks, by reason
+    # failed attempts ("connection", "timeout", "protocol": a corrupt or unauthentic reply) and
+    # local fallbacks ("fallback_<reason of the last attempt>", "fallback_down": every server failed recently)
+    failures: Counter = field(default_factory=Counter)
 
 
 def parse_address(address: str | tuple[str, int]) -> tuple[str, int]:
@@ -171,9 +177,10 @@ class RemoteDecoder:
             addr = up[attempt % len(up)]
             try:
                 reply = self._call(addr, header)
-            except (OSError, ProtocolError) as err:  # refused, reset, timed out, closed, corrupt frame
+            except (OSError, ProtocolError) as err:  # refused, reset, timed out, closed, corrupt or forged frame
                 self._drop(addr)
-                reason = "timeout" if isinstance(err, TimeoutError) else "connection"
+                reason = ("timeout" if isinstance(err, TimeoutError) else
+                          "protocol" if isinstance(err, ProtocolError) else "connection")
                 self._count(reason=reason)
                 self._down_until[addr] = time.monotonic() + self.down_for
                 log.warning("decode server %s:%s failed (%s: %s); trying elsewhere", *addr, type(err).__name__, err)

@@ -8,9 +8,18 @@ both directions (the client proves it knows the secret, then the server does):
     client -> server   {"proto", "nonce": client_nonce, "mac": HMAC(secret, "client" | sn | cn)}
     server -> client   {"status": "ok", "mac": HMAC(secret, "server" | sn | cn)}  or "refused", then close
 
-Every later frame's body is ``tag (32 bytes) | message``, the tag an HMAC with a per-connection
-session key ``HMAC(secret, "session" | sn | cn)`` over the direction, a sequence number and the
-message: a frame that was forged, altered, replayed, reordered or reflected fails the check.
+The client sends nothing but its proof until the server's proof checks out; a server that cannot
+prove the secret (wrong, missing or reflected "mac") is an ``AuthenticationError``, like a refusal.
+
+Every later frame's body is ``tag (32 bytes) | message``, with
+
+    tag = HMAC(session_key, direction | sequence number (8 bytes, big-endian) | message)
+    session_key = HMAC(secret, "session" | sn | cn)
+
+where the direction is "c" for client -> server frames and "s" for server -> client frames, and
+each side counts the frames it sends and receives from 0 on every connection. A frame that was
+forged (key), altered (message), replayed or reordered (sequence number), reflected back to its
+sender (direction) or replayed from another connection (nonces in the key) fails the check.
 The secret itself never crosses the wire. Frames are authenticated, not encrypted: run the
 servers on a trusted network (or through an SSH / TLS tunnel) if the media is private.
 
@@ -223,7 +232,10 @@ class Channel:
         msg = memoryview(body)[TAG_BYTES:]
         expected = _mac(self.key, self.recv_dir, _SEQ.pack(self.received), msg)
         if not hmac.compare_digest(bytes(body[:TAG_BYTES]), expected):
-            raise ProtocolError("bad message authentication tag (forged, altered or replayed frame)")
+            sender = "client" if self.recv_dir == b"c" else "server"
+            raise ProtocolError(f"bad message authentication tag on frame {self.received} from the {sender}: it was "
+                                "forged, altered, replayed, reordered or reflected on the way; the connection is "
+                                "dropped (if this repeats, check what sits on the network path between the two)")
         self.received += 1
         return decode_message(msg)
 
@@ -271,8 +283,15 @@ def client_handshake(ch: Channel, secret: bytes, where: str) -> None:
     if reply.get("status") != "ok":
         raise AuthenticationError(f"decode server {where} refused this client: {reply.get('error')}; "
                                   f"use the same secret file / ${SECRET_ENV} on both sides")
-    if not hmac.compare_digest(_nonce(reply, "mac"), _mac(secret, b"server", sn, cn)):
-        raise AuthenticationError(f"decode server {where} could not prove it knows the secret")
+    try:
+        proof = _nonce(reply, "mac")
+    except ProtocolError:
+        proof = b""  # no proof at all: the same failure as a wrong one
+    if not hmac.compare_digest(proof, _mac(secret, b"server", sn, cn)):
+        raise AuthenticationError(f"decode server {where} failed to prove it knows the shared secret, so nothing "
+                                  f"was sent to it: check that its --secret-file and this job's "
+                                  f"data.decode_secret_file / ${SECRET_ENV} hold the same secret, and that "
+                                  f"{where} is a keyetron io-server")
     ch.authenticate(_mac(secret, b"session", sn, cn))
 
 

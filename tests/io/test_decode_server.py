@@ -1,8 +1,12 @@
 """Decode servers on loopback: same tensors as local decoding, refusals, backpressure and failover.
 
+Forged, replayed, reflected and altered frames and impostor servers are pinned at the protocol
+level in ``test_decode_security.py``; here, a reply altered on its way from a real server.
+
 Every server is a real ``keyetron io-server`` process (its own session, so its worker
 processes die with it) with a bounded ``--lifetime``; fixtures stop them in ``finally``.
 """
+import itertools
 import json
 import os
 import re
@@ -113,6 +117,70 @@ def _same(remote, local) -> None:
     assert len(r_pixels) == len(l_pixels)
     for a, b in zip(r_pixels, l_pixels):
         assert a.dtype == b.dtype and torch.equal(a, b)  # bit-for-bit
+
+
+class _AlteringProxy:
+    """A man in the middle on loopback in front of ``upstream``: the handshake passes untouched, then one bit
+    of every server -> client frame's last byte (a reply's pixel data) is flipped on the way."""
+
+    def __init__(self, upstream: str):
+        host, port = upstream.split(":")
+        self.upstream = (host, int(port))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.altered = 0
+        self._socks = [self.listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            server = socket.create_connection(self.upstream, timeout=30)
+            self._socks += [client, server]
+            threading.Thread(target=self._forward, args=(client, server), daemon=True).start()
+            threading.Thread(target=self._alter, args=(server, client), daemon=True).start()
+
+    @staticmethod
+    def _forward(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                dst.sendall(data)
+        except OSError:
+            pass
+        dst.close()
+
+    @staticmethod
+    def _exactly(sock: socket.socket, n: int) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            if not (chunk := sock.recv(n - len(buf))):
+                raise ConnectionError("closed")
+            buf += chunk
+        return buf
+
+    def _alter(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            for index in itertools.count():
+                head = self._exactly(src, 4)
+                body = bytearray(self._exactly(src, int.from_bytes(head, "big")))
+                if index >= 2:  # after the challenge and the server's proof: authenticated frames
+                    body[-1] ^= 1
+                    self.altered += 1
+                dst.sendall(head + body)
+        except OSError:
+            pass
+        dst.close()
+
+    def close(self) -> None:
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
+        except OSError:
+            pass
+        for sock in self._socks:
+            sock.close()
 
 
 def _raw_channel(address: str, secret: bytes = SECRET) -> Channel:
@@ -307,6 +375,28 @@ def test_killing_a_server_mid_epoch_loses_and_duplicates_nothing(servers, media,
     assert failover.stats.local == 0 and failover.stats.remote == len(names)
     assert alone.stats.remote == 3 and alone.stats.local == len(names) - 3
     assert alone.stats.failures["connection"] >= 1
+
+
+def test_an_altered_reply_is_refused_and_the_part_decoded_once_elsewhere(servers, media):
+    """Pins the client's check of reply tags: a reply altered in transit is never returned; the client
+    counts it, drops the connection and asks the next server, or decodes here when there is none."""
+    main = servers["main"][1]
+    part = Part("image", media / "a.png")
+    local = decode_media(part, MEDIA)
+    proxy = _AlteringProxy(main)
+    try:
+        failover = RemoteDecoder([proxy.address, main], SECRET, timeout=30, retries=2)  # the proxy is asked first
+        _same(failover.decode(part, MEDIA), local)
+        assert proxy.altered == 1
+        assert failover.stats.remote == 1 and failover.stats.local == 0  # one result, from the server itself
+        assert failover.stats.failures == {"protocol": 1}
+        alone = RemoteDecoder([proxy.address], SECRET, timeout=30, retries=2)
+        _same(alone.decode(part, MEDIA), local)
+        assert proxy.altered == 2
+        assert alone.stats.remote == 0 and alone.stats.local == 1
+        assert alone.stats.failures == {"protocol": 1, "fallback_down": 1}
+    finally:
+        proxy.close()
 
 
 # ---------------------------------------------------------------- the trainer's data.decode_servers
