@@ -17,6 +17,10 @@ from pathlib import Path
 
 # torchrun forwards these to its workers instead of dying of them (SIGUSR1's default action kills).
 TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+# CPUs asked per GPU when --cpus-per-task is not given. Without the directive SLURM gives the one task of a
+# node (all its ranks) a single CPU; 8 per GPU fits the GPU nodes we know (DGX A100/H100: 16 and 14 cores
+# per GPU, cloud 8-GPU nodes: 12 or more vCPUs per GPU) and leaves a rank its decoding and OpenMP threads.
+CPUS_PER_GPU = 8
 
 
 class Expand(str):
@@ -44,7 +48,7 @@ class JobSpec:
     partition: str | None = None
     account: str | None = None
     time: str | None = None  # SLURM's time format: minutes, HH:MM:SS, D-HH:MM:SS
-    cpus_per_task: int | None = None  # CPUs of the one task per node (all its training processes)
+    cpus_per_task: int | None = None  # CPUs of the one task per node (all its processes); 0: no directive
     warning_seconds: int = 300  # SIGUSR1 this long before the time limit: time to save a checkpoint
     socket_ifname: str | None = None  # network interface for NCCL / gloo bootstrap (e.g. ib0, eth0)
     sbatch_args: list[str] = field(default_factory=list)  # extra directives, e.g. --qos=high
@@ -63,10 +67,16 @@ class JobSpec:
 
     @property
     def cpus(self) -> int | None:
-        """CPUs of each node's task: as asked; CPU jobs default to one per process, GPU jobs to the site's."""
+        """CPUs of each node's task: as asked (0: none asked, the site's default); CPU jobs default to
+        one per process, GPU jobs to CPUS_PER_GPU per GPU."""
         if self.cpus_per_task is not None:
-            return self.cpus_per_task
-        return None if self.on_gpu else self.procs
+            return self.cpus_per_task or None
+        return CPUS_PER_GPU * self.gpus_per_node if self.on_gpu else self.procs
+
+    @property
+    def cpus_defaulted(self) -> bool:
+        """Whether the CPUs were chosen here, not asked for (the launcher says so)."""
+        return self.cpus_per_task is None
 
     @property
     def world_size(self) -> int:
@@ -102,8 +112,13 @@ def validate(spec: JobSpec) -> None:
                           f"{world}; set parallel.dp=0 (dp is then what the world leaves) or fit the job to it")
     if spec.warning_seconds < 1:
         raise LaunchError(f"--warning-seconds must be positive, got {spec.warning_seconds}")
-    if spec.cpus_per_task is not None and spec.cpus_per_task < 1:
-        raise LaunchError(f"--cpus-per-task must be at least 1, got {spec.cpus_per_task}")
+    if spec.cpus_per_task is not None and spec.cpus_per_task < 0:
+        raise LaunchError(f"--cpus-per-task must be at least 1 (or 0: no directive, the site's default), got "
+                          f"{spec.cpus_per_task}")
+    if spec.cpus is not None and spec.cpus < spec.procs:
+        raise LaunchError(f"--cpus-per-task {spec.cpus} is fewer than the {spec.procs} training processes of a node; "
+                          f"give at least one CPU per process (e.g. --cpus-per-task "
+                          f"{spec.procs * (CPUS_PER_GPU if spec.on_gpu else 1)})")
     if not re.fullmatch(r"[\w.+-]+", spec.job_name):
         raise LaunchError(f"job name {spec.job_name!r} may hold letters, digits and . _ + - only (it names the "
                           f"log files); pass --job-name")
@@ -180,6 +195,8 @@ def render_sbatch(spec: JobSpec) -> str:
         f"# keyetron training job: {spec.recipe.name} on {spec.nodes} node(s) x {spec.procs} "
         f"{'GPU(s)' if spec.on_gpu else 'CPU process(es)'}, tp {spec.tp} pp {spec.pp} cp {spec.cp}",
         *directives(spec),
+        *([f"# --cpus-per-task={spec.cpus}: keyetron launch's default of {CPUS_PER_GPU} per GPU; pass "
+           f"--cpus-per-task to change it"] if spec.on_gpu and spec.cpus_defaulted else []),
         "",
         "set -uo pipefail",
         *environment(spec),
@@ -207,5 +224,5 @@ def render_sbatch(spec: JobSpec) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["Expand", "JobSpec", "LaunchError", "TORCHRUN_SIGNALS", "directives", "environment", "render_sbatch",
-           "train_command", "validate"]
+__all__ = ["CPUS_PER_GPU", "Expand", "JobSpec", "LaunchError", "TORCHRUN_SIGNALS", "directives", "environment",
+           "render_sbatch", "train_command", "validate"]

@@ -3,8 +3,12 @@
     keyetron launch --recipe recipes/demo-small.yaml --nodes 2 --gpus-per-node 8 --tp 2 --time 4:00:00
     keyetron launch --recipe R --gpus-per-node 0 --procs-per-node 2 --dry-run   # a CPU job, printed only
 
-The recipe is loaded (with the ``--set`` overrides and the layout flags) before anything is
-submitted, so a typo or an impossible layout fails here and not after the job waited in the queue.
+Before anything is written or submitted the job is checked as its processes would check it
+(``keyetron.train.run.check_layout`` and ``check_paths``): the recipe loads with the ``--set``
+overrides and the layout flags, the model config loads, the layout fits the model (heads,
+vocabulary, layers, micro-batches) and the job's processes, and every file the recipe names
+exists (relative paths from the submit directory, the job's ``--chdir``). So a typo, a missing
+file or an impossible layout fails here in one line and not after the job waited in the queue.
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from keyetron.launch.sbatch import JobSpec, LaunchError, render_sbatch
+from keyetron.launch.sbatch import CPUS_PER_GPU, JobSpec, LaunchError, render_sbatch, validate
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,8 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", default=None,
                         help="the run's folder (sets output_dir; SLURM logs go to its logs/); default: the recipe's")
     parser.add_argument("--cpus-per-task", type=int, default=None,
-                        help="CPUs per node for the node's training processes (default: one per CPU process; "
-                             "the site's default on GPU jobs)")
+                        help=f"CPUs per node for the node's training processes (default: {CPUS_PER_GPU} per GPU; "
+                             "one per CPU process; 0: no directive, the site's default)")
     parser.add_argument("--warning-seconds", type=int, default=300,
                         help="SIGUSR1 this long before the time limit: checkpoint, requeue (default 300)")
     parser.add_argument("--socket-ifname", default=None,
@@ -56,9 +60,12 @@ def torchrun_path() -> str:
 
 
 def spec_from_args(args: argparse.Namespace, workdir: Path | None = None) -> JobSpec:
-    """Load the recipe as the job will (overrides and layout flags applied) and describe the job."""
+    """Load the recipe as the job will (overrides and layout flags applied), describe the job and
+    check that it can start (LaunchError: what to change)."""
+    from keyetron.checkpoint import CheckpointNotFound
     from keyetron.config import ConfigError
-    from keyetron.train.run import layout_overrides
+    from keyetron.data.sources import SourceError
+    from keyetron.train.run import check_layout, check_paths, layout_overrides
     from keyetron.train.recipe import load_recipe
 
     workdir = (workdir or Path.cwd()).resolve()
@@ -74,12 +81,19 @@ def spec_from_args(args: argparse.Namespace, workdir: Path | None = None) -> Job
     except (ConfigError, ValueError) as err:
         raise LaunchError(str(err) if isinstance(err, ConfigError) else f"{recipe_path}: {err}") from err
     par = recipe.parallel
-    return JobSpec(recipe=recipe_path, workdir=workdir, output_dir=(workdir / recipe.output_dir).resolve(),
+    spec = JobSpec(recipe=recipe_path, workdir=workdir, output_dir=(workdir / recipe.output_dir).resolve(),
                    nodes=args.nodes, gpus_per_node=args.gpus_per_node, procs_per_node=args.procs_per_node,
                    tp=par.tp, pp=par.pp, cp=par.cp, dp=par.dp, overrides=overrides,
                    job_name=args.job_name or recipe.name, partition=args.partition, account=args.account,
                    time=args.time, cpus_per_task=args.cpus_per_task, warning_seconds=args.warning_seconds,
                    socket_ifname=args.socket_ifname, sbatch_args=list(args.sbatch), torchrun=torchrun_path())
+    try:
+        check_layout(recipe, None, workdir)  # the model config and the layout against the model
+        validate(spec)  # the resources and the world (N x G or N x P processes), in the launch flags' words
+        check_paths(recipe, workdir)
+    except (ConfigError, SourceError, CheckpointNotFound) as err:
+        raise LaunchError(str(err)) from err
+    return spec
 
 
 def submit(spec: JobSpec, script: str) -> str:
@@ -103,6 +117,9 @@ def main(args: argparse.Namespace) -> int:
     try:
         spec = spec_from_args(args)
         script = render_sbatch(spec)
+        if spec.on_gpu and spec.cpus_defaulted:
+            print(f"keyetron launch: --cpus-per-task {spec.cpus} ({CPUS_PER_GPU} per GPU, the default); pass "
+                  "--cpus-per-task to change it", file=sys.stderr)
         if args.dry_run:
             print(script, end="")
             return 0

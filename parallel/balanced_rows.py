@@ -34,6 +34,7 @@ import logging
 from collections import Counter, deque
 
 from keyetron.batch import Document, PackedBatch
+from keyetron.data.cost_index import Unusable
 from keyetron.data.dataset import SampleCost, SampleDataset, Skip, SkipLog
 from keyetron.data.loader import EpochOrder, LoaderConfig, LocalReader
 from keyetron.data.packing import build_row, padding_document
@@ -59,7 +60,7 @@ class BalancedRows:
         # One stream of records per mixture category (one stream, "all", without a mixture), each
         # with its own seeded order per epoch and its own cursor.
         if cfg.mixture:
-            self.streams = {k: [i for i, c in enumerate(costs) if c is not None and c.kind == k]
+            self.streams = {k: [i for i, c in enumerate(costs) if isinstance(c, SampleCost) and c.kind == k]
                             for k in sorted(cfg.mixture) if cfg.mixture[k] > 0}
             empty = [k for k, records in self.streams.items() if not records]
             if empty:
@@ -86,9 +87,16 @@ class BalancedRows:
         total = sum(self.mix_tokens.values())
         return max(sorted(self.streams), key=lambda k: self.cfg.mixture[k] * total - self.mix_tokens[k])
 
-    def _skip(self, kind: str, cost: SampleCost | None, index: int, reason: str) -> None:
-        if self.dp_rank == 0:  # every rank sees the same candidates: count each skip once
-            self.dataset.skips.add(kind, cost.sample_id if cost else f"<record {index}>", f"record {index}", reason)
+    def _skip(self, cost: SampleCost | Unusable, index: int) -> None:
+        """Count an unusable draw once (every rank sees the same candidates), as the loader would log it."""
+        if self.dp_rank:
+            return
+        if isinstance(cost, Unusable):
+            self.dataset.skips.add(cost.kind, cost.sample_id, cost.location, cost.reason)
+        else:
+            self.dataset.skips.add("packing", cost.sample_id, f"record {index}",
+                                   f"{cost.llm_tokens} tokens exceed the row length {self.cfg.row_tokens}; balanced "
+                                   "steps never split documents: raise the row length or filter the data")
 
     def _draw(self) -> list[tuple[str, int]]:
         """(stream, position) of this step: carry-over first, within the token budget (module docstring)."""
@@ -105,20 +113,19 @@ class BalancedRows:
                 position = self.cursors[stream]
             index = self._record_at(stream, position)
             cost = self.costs[index]
-            if cost is not None and tokens + cost.llm_tokens > budget and taken:
+            usable = isinstance(cost, SampleCost)
+            if usable and tokens + cost.llm_tokens > budget and taken:
                 break
             if from_carry:
                 self.carry.popleft()
             else:
                 self.cursors[stream] += 1
-            if cost is None or cost.llm_tokens > row:
+            if not usable or cost.llm_tokens > row:
                 unusable += 1
                 if unusable > len(self.costs):
                     raise RuntimeError(f"no record of {self.dataset.source.name} is usable in rows of {row} "
                                        f"tokens; see the skip log:\n{self.dataset.skips.summary()}")
-                self._skip("balanced_index", cost, index, "unusable in the cost index" if cost is None else
-                           f"{cost.llm_tokens} tokens exceed the row length {row}; balanced steps never split "
-                           f"documents: raise the row length or filter the data")
+                self._skip(cost, index)
                 continue
             taken.append((stream, position))
             tokens += cost.llm_tokens

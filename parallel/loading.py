@@ -43,7 +43,7 @@ import torch.distributed as dist
 
 from keyetron.batch import IGNORE_INDEX, Document, PackedBatch
 from keyetron.data.cost_index import build_cost_index, load_cost_index
-from keyetron.data.dataset import SampleCost, SampleDataset, SkipLog
+from keyetron.data.dataset import SampleCost, SampleDataset, SkipRecorder
 from keyetron.data.loader import Loader, LoaderConfig
 from keyetron.data.streaming_rows import StreamingRows
 from keyetron.parallel.balanced_rows import BalancedRows
@@ -69,17 +69,6 @@ def balanced_owners(weights: list[float], group_size: int) -> list[int]:
         load[r] += weights[k]
         count[r] += 1
     return owners
-
-
-class _SkipRecorder(SkipLog):
-    """Collects the skips of one document build, to be replayed on every rank of the group."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.events: list[tuple[str, str, str, str]] = []
-
-    def add(self, kind: str, sample_id: str, location: str, reason: str) -> None:
-        self.events.append((kind, sample_id, location, reason))
 
 
 def _text_fields(doc: Document | None) -> dict | None:
@@ -140,7 +129,7 @@ class GroupReader:
         try:
             for k, index in enumerate(indices):
                 if owners[k] == self.rank:
-                    self.dataset.skips = recorder = _SkipRecorder()
+                    self.dataset.skips = recorder = SkipRecorder()
                     built[k] = self.dataset.document(index)
                     events[k] = recorder.events
         finally:

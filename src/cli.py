@@ -6,11 +6,7 @@ import dataclasses
 import json
 import sys
 
-from keyetron.config import ConfigError
-from keyetron.data.sources import SourceError
-from keyetron.data.tokenizer import TokenizerError
-from keyetron.parallel.balancer import CalibrationError
-from keyetron.checkpoint import CheckpointNotFound
+from keyetron.train.run import user_error
 
 
 def _model_info(args: argparse.Namespace) -> int:
@@ -60,16 +56,25 @@ def _data_make_demo(args: argparse.Namespace) -> int:
     except FileExistsError as err:
         print(f"keyetron: {err}", file=sys.stderr)
         return 1
-    print(json.dumps(summary.to_dict(), indent=2, default=str))
+    sizes = "  ".join(f"{split} {sum(tasks.values())} samples ({summary.media[split]['images']} images, "
+                      f"{summary.media[split]['videos']} videos)" for split, tasks in summary.tasks.items())
+    print(f"wrote the demo dataset to {summary.out}: {sizes}; seed {summary.seed}")
+    print(f"eval majority baseline {summary.baselines['overall']['accuracy']:.1%}; "
+          f"task counts and baselines are in {summary.out / 'demo.json'}")
     return 0
 
 
 def _bench_balance(args: argparse.Namespace) -> int:
-    from keyetron.perf.balance import format_report, run_bench
+    from keyetron.perf.balance import BenchUsageError, check_arguments, format_report, run_bench
     from keyetron.parallel.balancer import CostModel
 
-    model = CostModel.load(args.calibration) if args.calibration else CostModel.from_flops(args.config)
-    report = run_bench(args.ranks, args.row_tokens, args.samples, args.seed, args.rows_per_rank, model)
+    try:
+        check_arguments(args.ranks, args.row_tokens, args.samples, args.rows_per_rank)
+        model = CostModel.load(args.calibration) if args.calibration else CostModel.from_flops(args.config)
+        report = run_bench(args.ranks, args.row_tokens, args.samples, args.seed, args.rows_per_rank, model)
+    except BenchUsageError as err:
+        print(f"keyetron bench balance: {err}", file=sys.stderr)
+        return 2
     print(json.dumps(report) if args.json else format_report(report))
     return 0
 
@@ -106,7 +111,7 @@ def _data_index(args: argparse.Namespace) -> int:
     from keyetron.data.sources import ConcatSource, open_source
     from keyetron.data.tokenizer import KeyeTokenizer
     from keyetron.model import load_model_config
-    from keyetron.data.cost_index import build_cost_index
+    from keyetron.data.cost_index import SampleCost, build_cost_index
     from keyetron.train.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.set)
@@ -115,18 +120,23 @@ def _data_index(args: argparse.Namespace) -> int:
     dataset = SampleDataset(ConcatSource([open_source(s) for s in recipe.data.sources]), builder)
     out = args.out or recipe.data.loader.cost_index or f"{recipe.output_dir}/cost_index.json"
     costs = build_cost_index(dataset, out)
-    usable = [c for c in costs if c is not None]
-    print(json.dumps({"index": str(out), "records": len(costs), "unusable": len(costs) - len(usable),
+    usable = [c for c in costs if isinstance(c, SampleCost)]
+    unusable = [c for c in costs if not isinstance(c, SampleCost)]
+    for entry in unusable:
+        print(f"keyetron: unusable sample {entry.sample_id} ({entry.location}, {entry.kind}): {entry.reason}",
+              file=sys.stderr)
+    print(json.dumps({"index": str(out), "records": len(costs), "unusable": len(unusable),
                       "llm_tokens": sum(c.llm_tokens for c in usable),
                       "vit_patches": sum(sum(c.vit_patches) for c in usable)}))
     return 0
 
 
 def _train(args: argparse.Namespace) -> int:
-    from keyetron.train.run import layout_overrides, run
+    from keyetron.train.run import layout_overrides, run, train_argv
     from keyetron.train.recipe import load_recipe
 
-    return run(load_recipe(args.recipe, args.set + layout_overrides(args.tp, args.pp, args.cp, None)))
+    recipe = load_recipe(args.recipe, args.set + layout_overrides(args.tp, args.pp, args.cp, None))
+    return run(recipe, train_argv(args.recipe, args.tp, args.pp, args.cp, None, args.set))
 
 
 def _merge(args: argparse.Namespace) -> int:
@@ -267,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", action="store_true", help="print every layout and figure as JSON")
     pl.set_defaults(func=_plan)
 
-    tr = sub.add_parser("train", help="train from a recipe (single process; see recipes/)")
+    tr = sub.add_parser("train", help="train from a recipe (one process, or each process under torchrun; see recipes/)")
     tr.add_argument("recipe", help="a recipe YAML, e.g. recipes/demo-small.yaml")
     tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a recipe key, e.g. --set train.steps=20 (repeatable)")
@@ -310,12 +320,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as err:
-        print(f"keyetron: config error: {err}", file=sys.stderr)
-        return 2
-    except (SourceError, CheckpointNotFound, TokenizerError, CalibrationError) as err:
-        print(f"keyetron: {err}", file=sys.stderr)
-        return 1
+    except Exception as err:  # errors the user can fix are one line; anything else is a bug: its traceback
+        found = user_error(err)
+        if found is None:
+            raise
+        print(f"keyetron: {found[1]}", file=sys.stderr)
+        return found[0]
 
 
 if __name__ == "__main__":

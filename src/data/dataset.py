@@ -103,6 +103,18 @@ class SkipLog:
         self.entries = [Skip(**e) for e in state["entries"]]
 
 
+class SkipRecorder(SkipLog):
+    """Collects skips as ``(kind, sample_id, location, reason)`` events instead of counting them,
+    for whoever records them elsewhere (another rank's log, the cost index)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[tuple[str, str, str, str]] = []
+
+    def add(self, kind: str, sample_id: str, location: str, reason: str) -> None:
+        self.events.append((kind, sample_id, location, reason))
+
+
 @dataclass(frozen=True)
 class SampleCost:
     """What a sample costs, from metadata only: the balancer's input."""
@@ -256,4 +268,5 @@ class SampleDataset:
         return self._with_record(index, self.builder.estimate_cost)
 
 
-__all__ = ["DocumentBuilder", "MediaConfig", "decode_media", "SampleCost", "SampleDataset", "Skip", "SkipLog"]
+__all__ = ["DocumentBuilder", "MediaConfig", "decode_media", "SampleCost", "SampleDataset", "Skip", "SkipLog",
+           "SkipRecorder"]

@@ -82,6 +82,37 @@ class KeyeConfig:
     name: str = "custom"
 
 
+def config_yaml(cfg: KeyeConfig) -> str:
+    """The config as YAML (``load_model_config`` reads it back): what checkpoints and merges write as
+    ``model.yaml``, every override included."""
+    import yaml
+
+    from keyetron.config import to_dict
+
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def config_differences(a: KeyeConfig, b: KeyeConfig) -> list[str]:
+    """The architecture fields in which two configs differ, as ``"text.rope_theta: 1000000.0 != 8000000.0"``
+    (the name and tokenizer folder are not architecture)."""
+    import dataclasses
+
+    out = []
+
+    def walk(x, y, prefix):
+        for f in dataclasses.fields(x):
+            if f.name in ("name", "tokenizer"):
+                continue
+            u, v = getattr(x, f.name), getattr(y, f.name)
+            if dataclasses.is_dataclass(u):
+                walk(u, v, f"{prefix}{f.name}.")
+            elif u != v:
+                out.append(f"{prefix}{f.name}: {u} != {v}")
+
+    walk(a, b, "")
+    return out
+
+
 def available_configs() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 

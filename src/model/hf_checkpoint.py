@@ -13,9 +13,9 @@ from typing import Callable
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
+from keyetron.checkpoint import save_tensors
 from keyetron.config import ConfigError, from_dict, to_dict
 from keyetron.model.config import KeyeConfig, ProjectorConfig, TextConfig, VisionConfig
 
@@ -126,6 +126,11 @@ def load_into(
     it (tied embeddings). Nothing is copied unless every check passes.
     """
     params = dict(module.named_parameters(remove_duplicate=False))
+    on_meta = [n for n, p in params.items() if p.is_meta]
+    if on_meta:
+        raise CheckpointError(f"loading {path}: the model's parameters are on the meta device ({on_meta[0]}, ...), "
+                              "which holds no values; build the model on a real device (build_model(cfg), the "
+                              "default) before loading parts into it, or load a whole checkpoint with load_hf_model")
     files = checkpoint_files(path)
     shapes = _shapes(files)
     source_of: dict[str, str] = {}
@@ -269,12 +274,12 @@ def save_hf_checkpoint(model: nn.Module, out_dir: str | Path, max_shard_bytes: i
     for stale in list(out_dir.glob("model*.safetensors")) + [out_dir / INDEX_FILE]:
         stale.unlink(missing_ok=True)
     if len(shards) == 1:
-        save_file(shards[0], out_dir / SINGLE_FILE, metadata={"format": "pt"})
+        save_tensors(shards[0], out_dir / SINGLE_FILE, metadata={"format": "pt"})
     else:
         weight_map = {}
         for i, shard in enumerate(shards, start=1):
             fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, out_dir / fname, metadata={"format": "pt"})
+            save_tensors(shard, out_dir / fname, metadata={"format": "pt"})
             weight_map.update({name: fname for name in shard})
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 
 from keyetron.backend.attention import varlen_attention
+from keyetron.checkpoint import save_tensors
 from keyetron.config import ConfigError, load_yaml
 from keyetron.model.checkpointing import CheckpointableBlock
 from keyetron.model.config import VisionConfig
@@ -244,7 +244,7 @@ def save_siglip_checkpoint(module: nn.Module, out_dir: str | Path) -> Path:
         hf = _rename(name, to_hf=True)
         assert hf is not None, f"parameter {name} has no SigLIP name"
         tensors[hf] = p.detach().to("cpu").contiguous()
-    save_file(tensors, out_dir / SINGLE_FILE, metadata={"format": "pt"})
+    save_tensors(tensors, out_dir / SINGLE_FILE, metadata={"format": "pt"})
     vit = getattr(module, "vit", None)
     config = siglip_config_dict(module.text_tower.cfg, vit.cfg if vit is not None else None)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))

@@ -99,15 +99,49 @@ def mix_summary(samples: list[SampleCost]) -> dict:
             "token_share": {k: round(v / total, 3) for k, v in tokens.items()}, "tokens": total}
 
 
+class BenchUsageError(ValueError):
+    """Arguments the bench cannot run with; the message names the flags and what to change."""
+
+
+def check_arguments(ranks: int, row_tokens: int, samples: int, rows_per_rank: int | None) -> None:
+    # text documents of the mix have 32 tokens or more: shorter rows would hold none (and the draw never ends)
+    for flag, value, least in (("--ranks", ranks, 1), ("--row-tokens", row_tokens, 64), ("--samples", samples, 1),
+                               ("--rows-per-rank", rows_per_rank, 1)):
+        if value is not None and value < least:
+            raise BenchUsageError(f"{flag} must be at least {least}, got {value}")
+
+
+def check_capacity(mix: list[SampleCost], ranks: int, row_tokens: int, samples: int, rows_per_rank: int | None) -> None:
+    """The mix fits ``rows_per_rank`` rows on every rank (the balancer's first refusal, in the flags' words)."""
+    tokens = sum(s.llm_tokens for s in mix)
+    if rows_per_rank is not None and tokens > ranks * rows_per_rank * row_tokens:
+        least = -(-tokens // (ranks * row_tokens))
+        raise BenchUsageError(f"--samples {samples} hold {tokens} tokens, more than --ranks {ranks} x --rows-per-rank "
+                              f"{rows_per_rank} x --row-tokens {row_tokens} = {ranks * rows_per_rank * row_tokens}; "
+                              f"raise --rows-per-rank to {least} or more, or lower --samples")
+
+
 def run_bench(ranks: int, row_tokens: int, samples: int = 1024, seed: int = 0, rows_per_rank: int | None = None,
               model: CostModel | None = None, repeats: int = 5) -> dict:
-    """Naive and balanced reports on the synthetic mix; scheduler_ms is the median of ``repeats`` runs."""
+    """Naive and balanced reports on the synthetic mix; scheduler_ms is the median of ``repeats`` runs.
+    Arguments it cannot run with raise BenchUsageError before any assignment is timed."""
+    check_arguments(ranks, row_tokens, samples, rows_per_rank)
     mix = synthetic_mix(samples, row_tokens, seed)
+    check_capacity(mix, ranks, row_tokens, samples, rows_per_rank)
     model = model or CostModel.from_flops("keye-8b")
     out = {"ranks": ranks, "row_tokens": row_tokens, "seed": seed, "mix": mix_summary(mix),
            "cost_model": {"a": model.a, "b": model.b, "c": model.c, "d": model.d, "units": model.units}}
     for name, fn, kwargs in (("naive", naive_assign, {}), ("balanced", assign, {"rows_per_rank": rows_per_rank})):
-        runs = [fn(mix, ranks, row_tokens, model=model, **kwargs) for _ in range(repeats)]
+        try:
+            runs = [fn(mix, ranks, row_tokens, model=model, **kwargs) for _ in range(repeats)]
+        except ValueError as err:
+            if name != "balanced" or rows_per_rank is None:
+                raise
+            tokens = sum(s.llm_tokens for s in mix)
+            raise BenchUsageError(f"--rows-per-rank {rows_per_rank} is too few for --samples {samples} ({tokens} "
+                                  f"tokens) on --ranks {ranks}: the rows of --row-tokens {row_tokens} have room for "
+                                  "the tokens but the samples do not pack into them; raise --rows-per-rank or lower "
+                                  "--samples") from err
         report = imbalance_report(runs[-1])
         report["scheduler_ms"] = round(statistics.median(r.scheduler_ms for r in runs), 3)
         out[name] = report
@@ -119,7 +153,8 @@ def format_report(report: dict) -> str:
              f"in {sum(report['mix']['samples'].values())} samples, token shares {report['mix']['token_share']}"]
     for name in ("naive", "balanced"):
         r = report[name]
-        phases = "  ".join(f"{p} {r[p]['max_over_mean']:.3f} (bound {r[p]['ratio_to_lower_bound']:.3f})"
+        phases = "  ".join(f"{p} {r[p]['max_over_mean']:.3f}/{r[p]['ratio_to_lower_bound']:.3f}"
                            for p in ("vit", "llm", "combined"))
-        lines.append(f"  {name:<9} max/mean: {phases}  rows/rank {r['rows_per_rank']}  {r['scheduler_ms']:.2f} ms")
+        lines.append(f"  {name:<9} max/mean / max/lower-bound: {phases}  rows/rank {r['rows_per_rank']}  "
+                     f"{r['scheduler_ms']:.2f} ms")
     return "\n".join(lines)

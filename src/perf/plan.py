@@ -302,6 +302,20 @@ def format_comparison(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def no_fit_advice(rows: list[dict], args) -> str:
+    """What to change when no layout fits: how far the closest one is, and the knobs that close the gap."""
+    sized = [r for r in rows if "memory_gib" in r]
+    if not sized:
+        return ("No layout gives every pipeline stage a micro-batch: raise --global-batch (rows per step) to at "
+                "least the pipeline depth times the data-parallel size, or use more GPUs.")
+    best = min(sized, key=lambda r: r["memory_gib"]["total"])
+    usable = args.gpu_memory_gib - args.reserve_gib
+    return (f"The closest is {best['layout']}: {best['memory_gib']['total']:.1f} GiB for {usable:g} GiB usable. "
+            f"To fit: more GPUs (--gpus), shorter rows (--seq), activation checkpointing "
+            f"(--activation-checkpointing on), bf16 weights (--weight-bytes 2), or a device with more memory "
+            f"(--gpu-memory-gib).")
+
+
 def run(args) -> int:
     """The ``keyetron plan`` command (arguments from ``keyetron.cli``)."""
     cfg = load_model_config(args.model)
@@ -334,6 +348,8 @@ def run(args) -> int:
     print(format_plan(rows, args.top))
     feasible = sum(r["fits"] for r in rows)
     print(f"\n{feasible} of {len(rows)} layouts fit in memory.")
+    if not feasible:
+        print(no_fit_advice(rows, args))
     if comparison is not None:
         print("\nprediction against measurement (" + args.measured + "):\n" + format_comparison(comparison))
     return 0 if feasible else 1

@@ -1,7 +1,8 @@
 """``python -m keyetron.train --recipe R [--tp T --pp P --cp C] [--set key=value ...]``.
 
 One process, or every process of ``torchrun --nproc-per-node N -m keyetron.train ...``
-(data parallelism is whatever the world size leaves after tp x pp x cp).
+(data parallelism is whatever the world size leaves after tp x pp x cp). A layout of several
+processes started as one fails with the torchrun command to run instead.
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import argparse
 import sys
 
 from keyetron.config import ConfigError
-from keyetron.train.run import layout_overrides, run
+from keyetron.train.run import layout_overrides, run, train_argv
 from keyetron.train.recipe import load_recipe
 
 
@@ -25,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"keyetron: config error: {err}", file=sys.stderr)
         return 2
-    return run(recipe)
+    return run(recipe, train_argv(args.recipe, args.tp, args.pp, args.cp, args.dp, args.set))
 
 
 if __name__ == "__main__":

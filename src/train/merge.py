@@ -32,10 +32,10 @@ from pathlib import Path
 import torch
 import yaml
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from keyetron.config import ConfigError, from_dict, load_yaml, to_dict
-from keyetron.model.config import KeyeConfig, load_model_config
+from keyetron.checkpoint import CheckpointNotFound, save_tensors
+from keyetron.config import ConfigError, from_dict, load_yaml
+from keyetron.model.config import KeyeConfig, config_differences, config_yaml, load_model_config
 from keyetron.model.hf_checkpoint import checkpoint_files, config_from_hf, from_hf_name, save_hf_checkpoint
 
 DTYPES = {"auto": None, "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -161,7 +161,11 @@ class Checkpoint:
         return out
 
     def model_config(self) -> KeyeConfig | None:
-        """The architecture the checkpoint names: config.json (HF), recipe.yaml (a run's) or model.yaml (a merge's)."""
+        """The architecture the checkpoint was trained with: config.json (HF), model.yaml (a run's or a
+        merge's: every override included) or, for checkpoints written before model.yaml, the run's
+        recipe.yaml (``model.config`` with the section's overrides, such as ``model.rope_theta``)."""
+        from keyetron.train.recipe import ModelSection, model_config_of
+
         folder = self.path if self.path.is_dir() else self.path.parent
         if (folder / "config.json").is_file():
             return config_from_hf(folder)
@@ -169,23 +173,35 @@ class Checkpoint:
             return load_model_config(folder / "model.yaml")
         if (folder / "recipe.yaml").is_file():
             recipe = yaml.safe_load((folder / "recipe.yaml").read_text()) or {}
-            name = (recipe.get("model") or {}).get("config")
-            return load_model_config(name) if name else None
+            section = recipe.get("model") or {}
+            if not section.get("config"):
+                return None
+            return model_config_of(from_dict(ModelSection, section, str(folder / "recipe.yaml")))
         return None
 
 
-def init_from_checkpoint(model: torch.nn.Module, path: str) -> None:
+def init_from_checkpoint(model: torch.nn.Module, path: str, key: str = "model.init") -> None:
     """Weights only (``model.init``) from a Hugging Face folder, a keyetron checkpoint of any
-    layout, or a ``keyetron merge`` output; every parameter must be there with its shape."""
-    ck = Checkpoint(path)
+    layout, or a ``keyetron merge`` output; every parameter must be there with its shape.
+    ``key``: the recipe key that named ``path``, for the errors."""
+    if not Path(path).exists():
+        raise CheckpointNotFound(f"{key} {path} does not exist: give a Hugging Face folder, a keyetron step-N "
+                                 "checkpoint or a `keyetron merge` output")
+    try:
+        ck = Checkpoint(path)
+    except MergeError as err:
+        raise ConfigError(f"{key}: {err}") from err
     want = model.state_dict()
     missing = [n for n in want if n not in ck.entries]
     wrong = [f"{n} {tuple(ck.entries[n][0])} != {tuple(t.shape)}" for n, t in want.items()
              if n in ck.entries and tuple(ck.entries[n][0]) != tuple(t.shape)]
     if missing or wrong:
-        raise ValueError(f"model.init {path} ({ck.format}) does not fit model config: missing {missing[:5]}"
-                         f"{' ...' if len(missing) > 5 else ''}, wrong shapes {wrong[:5]}; was it written for "
-                         f"another model config?")
+        saved = ck.model_config()
+        trained = f" (trained as {saved.name})" if saved is not None else ""
+        raise ConfigError(f"{key} {path} ({ck.format}{trained}) does not fit model config "
+                          f"{getattr(getattr(model, 'cfg', None), 'name', '?')}: "
+                          f"{len(missing)} tensors missing {missing[:3]}, {len(wrong)} of other shapes {wrong[:3]}; "
+                          "set model.config to the architecture it was written for")
     model.load_state_dict(ck.read(list(want)))
     logging.getLogger("keyetron.train").info("initialised the model from %s (%s)", path, ck.format)
 
@@ -228,8 +244,15 @@ def merge(recipe: MergeRecipe, group_bytes: int = 2**30) -> dict:
     if out.exists() and any(out.iterdir()) and not (out / "merge.json").is_file():
         raise MergeError(f"output {out} exists and is not an earlier merge; choose a new folder or empty it")
     check_same_architecture(inputs)
-    config = load_model_config(recipe.config) if recipe.config else next(
-        (c for c in (ck.model_config() for ck in inputs) if c is not None), None)
+    configs = [(ck, ck.model_config()) for ck in inputs]
+    known = [(ck, c) for ck, c in configs if c is not None]
+    for ck, c in known[1:]:
+        differ = config_differences(known[0][1], c)
+        if differ:
+            raise MergeError(f"{known[0][0].path} and {ck.path} were trained with different architectures: "
+                             f"{'; '.join(differ)}. Merge checkpoints of one architecture (a raised RoPE base "
+                             "included).")
+    config = load_model_config(recipe.config) if recipe.config else (known[0][1] if known else None)
     if recipe.hf_output and config is None:
         raise MergeError("hf_output needs the model config and no input names one; pass --config NAME")
     total = sum(i.weight for i in recipe.inputs)
@@ -258,10 +281,10 @@ def merge(recipe: MergeRecipe, group_bytes: int = 2**30) -> dict:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(merged, str(tmp / "model.safetensors"), metadata={"format": "pt", "merged_from": json.dumps(summary)})
+    save_tensors(merged, tmp / "model.safetensors", metadata={"format": "pt", "merged_from": json.dumps(summary)})
     (tmp / "merge.json").write_text(json.dumps(summary, indent=2))
     if config is not None:
-        (tmp / "model.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+        (tmp / "model.yaml").write_text(config_yaml(config))
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     if recipe.hf_output:

@@ -32,6 +32,18 @@ class ModelSection:
     activation_checkpointing: list[str] = field(default_factory=list)  # modules to recompute: vit, llm
 
 
+def model_config_of(model: ModelSection):
+    """The architecture a run trains: ``model.config`` with the section's overrides (``rope_theta``)."""
+    import dataclasses
+
+    from keyetron.model.config import load_model_config
+
+    cfg = load_model_config(model.config)
+    if model.rope_theta is not None:  # context extension raises the RoPE base (1e6 -> 8e6)
+        cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, rope_theta=model.rope_theta))
+    return cfg
+
+
 @dataclass
 class DataSection:
     sources: list[str] = field(default_factory=list)  # .jsonl manifests and/or .tar WebDataset shards
@@ -203,4 +215,5 @@ def recipe_yaml(recipe: Recipe) -> str:
 
 
 __all__ = ["CheckpointSection", "ContrastiveSection", "DataSection", "EvalSection", "LogSection", "ModelSection",
+           "model_config_of",
            "OptimSection", "Recipe", "TrainSection", "apply_override", "load_recipe", "recipe_yaml"]

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from keyetron.backend.device import autocast
-from keyetron.data.dataset import DocumentBuilder, SampleDataset
+from keyetron.data.dataset import DocumentBuilder, SampleCost, SampleDataset
 from keyetron.data.pairs import (CaptionTokenizer, ContrastiveBatch, ContrastiveBatchBuilder, PairBatches, PairDataset,
                                  build_each, read_image_captions)
 from keyetron.data.sources import ConcatSource, open_source
@@ -229,7 +229,7 @@ class ContrastiveTask:
         builder = DocumentBuilder(trainer.cfg, KeyeTokenizer(trainer.cfg.tokenizer), r.data.media)
         indexed = SampleDataset(source, builder)
         costs = ensure_cost_index(indexed, r.data.loader.cost_index or trainer.out / "cost_index.json", trainer.topo)
-        return [c is not None and c.kind == "image" and len(c.vit_patches) == 1 for c in costs]
+        return [isinstance(c, SampleCost) and c.kind == "image" and len(c.vit_patches) == 1 for c in costs]
 
     def flops(self, batch) -> FlopCount:
         return self.counter.count(batch)

@@ -30,21 +30,22 @@ from safetensors.torch import load_file
 from torch import nn
 
 from keyetron.backend.device import default_device, device_name, supports_bf16, synchronize
+from keyetron.config import ConfigError
 from keyetron.checkpoint import (CheckpointNotFound, is_distributed_checkpoint, load_checkpoint,
                                  mark_distributed_checkpoint, resolve_checkpoint, save_checkpoint, step_dir)
 from keyetron.data.dataset import Skip, SkipLog
 from keyetron.flops import FlopCount, peak_flops
-from keyetron.model import load_model_config
+from keyetron.model.config import config_differences, config_yaml
 from keyetron.model.keye import set_attention_kernel
 from keyetron.optim import MODULES, param_groups
 from keyetron.parallel.engine import ParallelEngine, trained_modules
 from keyetron.parallel.parallelize import parallelize_keye
 from keyetron.parallel.sharded_checkpoint import load_distributed, save_distributed
 from keyetron.parallel.topology import Topology
-from keyetron.train.merge import init_from_checkpoint
+from keyetron.train.merge import Checkpoint, init_from_checkpoint
 from keyetron.train.metrics import MetricSink, Progress, log_sample_ids, setup_logging
 from keyetron.train.preempt import Preemption
-from keyetron.train.recipe import Recipe, recipe_yaml
+from keyetron.train.recipe import Recipe, model_config_of, recipe_yaml
 from keyetron.train.schedule import lr_lambda
 from keyetron.train.tasks import TASKS
 
@@ -75,6 +76,7 @@ class StepResult:
     grad_norm: float
     seconds: float
     metrics: dict[str, float] = field(default_factory=dict)
+    lr: float = 0.0  # the learning rate of the step's update (the first optimizer group's)
 
     @property
     def loss_tokens(self) -> int:
@@ -97,10 +99,18 @@ class Trainer:
                              "fp32")
         want_bf16 = r.train.precision == "bf16" or (r.train.precision == "auto" and supports_bf16(self.device))
         self.autocast_dtype = torch.bfloat16 if want_bf16 else None
-        self.cfg = load_model_config(r.model.config)
-        if r.model.rope_theta is not None:  # context extension raises the RoPE base (1e6 -> 8e6)
-            self.cfg = dataclasses.replace(self.cfg, text=dataclasses.replace(self.cfg.text,
-                                                                              rope_theta=r.model.rope_theta))
+        # Where to start, checked before anything is built: the run's own checkpoint (an intact one),
+        # else an earlier stage's (checkpoint.start_from), over model.init's weights.
+        resume = resolve_checkpoint(r.checkpoint.resume, r.checkpoint_dir)
+        starts = [("model.init", r.model.init, "a Hugging Face folder, a keyetron step-N checkpoint or a "
+                   "`keyetron merge` output")]
+        if resume is None:
+            starts.append(("checkpoint.start_from", r.checkpoint.start_from, "the earlier stage's step-N checkpoint "
+                           "folder"))
+        for key, value, what in starts:
+            if value and not Path(value).exists():
+                raise CheckpointNotFound(f"{key} {value} does not exist; give {what}")
+        self.cfg = model_config_of(r.model)  # the named config with the recipe's overrides (RoPE base)
         # -- the task's model and objective, then the layout and the engine --------------------
         self.task = TASKS[r.train.objective](self)
         self.model, self.objective = self.task.model, self.task.objective
@@ -136,7 +146,6 @@ class Trainer:
                                override=r.log.peak_tflops * 1e12 if r.log.peak_tflops else None)
         self.step = 0
         self.history: list[dict] = []
-        resume = resolve_checkpoint(r.checkpoint.resume, r.checkpoint_dir)
         if resume is not None:
             self._resume(resume)
             log.info("resumed from %s at step %d", resume, self.step)
@@ -157,13 +166,37 @@ class Trainer:
         has_own = any(True for _ in self.objective.parameters())
         return f"{self.objective.name}.safetensors" if has_own else None
 
-    def _resume(self, path: Path, restore_loader: bool = True) -> None:
+    def _check_architecture(self, path: Path, key: str, allow: tuple[str, ...] = ()) -> None:
+        """Refuse, in one line, a checkpoint written for another architecture than this recipe's
+        (``allow``: fields that may differ, e.g. a context extension's RoPE base)."""
+        saved = Checkpoint(path).model_config()
+        if saved is None:
+            return
+        differ = [d for d in config_differences(saved, self.cfg) if d.split(":")[0] not in allow]
+        if differ:
+            raise ConfigError(f"{key} {path} was written for another architecture than model.config "
+                              f"{self.recipe.model.config}: {'; '.join(differ[:4])}"
+                              f"{' ...' if len(differ) > 4 else ''}. Use the model config it was trained with "
+                              f"({saved.name}, its model.yaml), or start a new run (checkpoint.resume: none)")
+
+    def _resume(self, path: Path, restore_loader: bool = True, key: str = "checkpoint.resume",
+                allow: tuple[str, ...] = ()) -> None:
+        self._check_architecture(path, key, allow)
+        try:
+            self._load(path, restore_loader)
+        except (CheckpointNotFound, ConfigError, ValueError):
+            raise
+        except Exception as err:  # a file that passed the cheap checks and still does not read
+            raise CheckpointNotFound(f"{key} {path} could not be read ({type(err).__name__}: {err}); it may be "
+                                     "truncated or corrupt: resume from another checkpoint") from err
+
+    def _load(self, path: Path, restore_loader: bool) -> None:
         if not is_distributed_checkpoint(path):
             if self.topo.distributed and (self.engine.sharding != "none" or self.topo.dims.world_size !=
                                           self.topo.dims.dp):
-                raise ValueError(f"checkpoint {path} was written by one process; a run of layout {self.topo.dims} "
-                                 f"with parallel.sharding {self.engine.sharding} cannot load it. Continue it in one "
-                                 "process, or start from its weights (model.init)")
+                raise ConfigError(f"checkpoint {path} was written by one process; a run of layout {self.topo.dims} "
+                                  f"with parallel.sharding {self.engine.sharding} cannot load it. Continue it in one "
+                                  "process, or start from its weights (model.init)")
             state = load_checkpoint(path, self._model_parts(), self.optimizer, self.scheduler)
             if self._objective_file:
                 file = path / self._objective_file
@@ -191,15 +224,14 @@ class Trainer:
     def _start_from(self, path: Path, reset: set[str]) -> None:
         """Continue an earlier stage's checkpoint (``checkpoint.start_from``) under this recipe's
         layout, row length and RoPE base, keeping what ``reset`` does not name."""
-        if not path.exists():
-            raise CheckpointNotFound(f"checkpoint.start_from {path} does not exist; give the earlier stage's "
-                                     f"step-N checkpoint folder")
         if "optimizer" in reset:
-            init_from_checkpoint(self.model, str(path))
+            self._check_architecture(path, "checkpoint.start_from", allow=("text.rope_theta",))
+            init_from_checkpoint(self.model, str(path), key="checkpoint.start_from")
             extra = None
         else:
             step, history = self.step, self.history
-            self._resume(path, restore_loader="data" not in reset)
+            self._resume(path, restore_loader="data" not in reset, key="checkpoint.start_from",
+                         allow=("text.rope_theta",))
             extra = self.step
             if "schedule" in reset:
                 self.step, self.history = step, history
@@ -228,7 +260,8 @@ class Trainer:
             extra_files[self._objective_file] = self.objective.state_dict()
         path = save_checkpoint(self.recipe.checkpoint_dir, self.step, self._model_parts(), self.optimizer,
                                self.scheduler, self.loader.state_dict(), {"history": self.history},
-                               recipe_yaml(self.recipe), self.recipe.checkpoint.keep, extra_files)
+                               recipe_yaml(self.recipe), self.recipe.checkpoint.keep, extra_files,
+                               model_text=config_yaml(self.cfg))
         log.info("saved checkpoint %s", path)
         return path
 
@@ -240,7 +273,8 @@ class Trainer:
         path = save_distributed(step_dir(self.recipe.checkpoint_dir, self.step), self.checkpointed,
                                 self.engine.optimizer, self.topo, extra)
         if self.is_main:
-            mark_distributed_checkpoint(path, self.step, self.recipe.checkpoint.keep, recipe_yaml(self.recipe))
+            mark_distributed_checkpoint(path, self.step, self.recipe.checkpoint.keep, recipe_yaml(self.recipe),
+                                        model_text=config_yaml(self.cfg))
         dist.barrier()
         log.info("saved checkpoint %s", path)
         return path
@@ -251,6 +285,7 @@ class Trainer:
         batches = self.loader.next_rows(self.recipe.train.grad_accum)
         if self.recipe.log.sample_ids:
             log_sample_ids(self.out, self.topo, self.step + 1, batches)
+        lr = self.optimizer.param_groups[0]["lr"]  # what this step's update uses; the scheduler then moves on
         stats = self.engine.step(batches)
         if stats.skipped:
             log.warning("step %d: gradient norm is %s; the update is skipped", self.step + 1, stats.grad_norm)
@@ -264,7 +299,7 @@ class Trainer:
         self.step += 1
         counted = FlopCount(*(int(v) for v in totals[:-1].tolist()))
         return StepResult(stats.loss, stats.count, int(totals[-1]), counted, stats.grad_norm,
-                          time.perf_counter() - t0, stats.metrics)
+                          time.perf_counter() - t0, stats.metrics, lr)
 
     # -- the run ----------------------------------------------------------------------------
     def run_eval(self, sink: MetricSink, checkpoint: Path | None = None) -> dict | None:
@@ -330,7 +365,7 @@ class Trainer:
         unit = self.objective.unit
         metrics = {
             "train/loss": sum(w.loss * w.count for w in window) / max(count, 1),
-            "train/lr": self.scheduler.get_last_lr()[0],
+            "train/lr": window[-1].lr,
             "train/grad_norm": window[-1].grad_norm,
             f"train/{unit}": count,
             f"perf/{unit}_per_s": count / seconds,

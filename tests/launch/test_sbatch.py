@@ -18,6 +18,8 @@ from keyetron.launch.submit import submit
 
 @pytest.fixture
 def recipe(tmp_path):
+    (tmp_path / "data" / "demo").mkdir(parents=True)
+    (tmp_path / "data" / "demo" / "train.jsonl").write_text("")  # read from the submit directory
     path = tmp_path / "r.yaml"
     path.write_text(json.dumps({"name": "tiny-run", "output_dir": str(tmp_path / "run"), "model": {"config": "tiny"},
                                 "data": {"sources": ["data/demo/train.jsonl"]}}))
@@ -96,7 +98,7 @@ def test_srun_starts_one_torchrun_per_node_with_the_training_command(recipe, tmp
     assert proc.returncode == 0, out
     args = (tmp_path / "args").read_text().splitlines()
     srun, torchrun = args[:args.index("/venv/bin/torchrun")], args[args.index("/venv/bin/torchrun"):]
-    assert srun == ["--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
+    assert srun == ["--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "--cpus-per-task=4"]
     port = 20000 + 77 % 20000
     assert torchrun == ["/venv/bin/torchrun", "--nnodes", "2", "--nproc-per-node", "4", "--rdzv-backend", "c10d",
                         "--rdzv-endpoint", f"n1:{port}", "--rdzv-id", "77",
@@ -156,6 +158,7 @@ def test_the_cli_names_a_missing_recipe_and_a_bad_layout(recipe, tmp_path, capsy
 
 def test_dry_run_prints_the_script_with_the_recipe_layout_and_submits_nothing(recipe, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no sbatch: nothing could be submitted
+    monkeypatch.chdir(tmp_path)  # the submit directory, where the recipe's data/demo/train.jsonl is
     assert main(["launch", "--recipe", str(recipe), "--gpus-per-node", "0", "--procs-per-node", "4",
                  "--set", "parallel.cp=2", "--output-dir", str(tmp_path / "elsewhere"), "--dry-run"]) == 0
     script = capsys.readouterr().out
@@ -179,3 +182,86 @@ def test_submit_without_sbatch_says_where_to_run(recipe, tmp_path, monkeypatch):
     s = spec(recipe, gpus_per_node=0)
     with pytest.raises(LaunchError, match="sbatch not found.*--dry-run"):
         submit(s, render_sbatch(s))
+
+
+def test_a_gpu_job_asks_for_8_cpus_per_gpu_unless_told_and_says_so(recipe, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["launch", "--recipe", str(recipe), "--gpus-per-node", "8", "--dry-run"]) == 0
+    out = capsys.readouterr()
+    assert "--cpus-per-task=64" in directives(out.out) and exports(out.out)["OMP_NUM_THREADS"] == "8"
+    assert "# --cpus-per-task=64: keyetron launch's default of 8 per GPU; pass --cpus-per-task to change it" in out.out
+    assert out.err == ("keyetron launch: --cpus-per-task 64 (8 per GPU, the default); pass --cpus-per-task to "
+                       "change it\n")
+    assert main(["launch", "--recipe", str(recipe), "--gpus-per-node", "8", "--cpus-per-task", "96", "--dry-run"]) == 0
+    out = capsys.readouterr()
+    assert "--cpus-per-task=96" in directives(out.out) and "default" not in out.out + out.err
+    # 0: no directive at all, the site's default (OpenMP then gets one thread per process)
+    script = render_sbatch(spec(recipe, gpus_per_node=8, cpus_per_task=0))
+    assert not any(d.startswith("--cpus-per-task") for d in directives(script))
+    assert exports(script)["OMP_NUM_THREADS"] == "1" and "$SLURM_CPUS_PER_TASK" not in script
+
+
+def test_fewer_cpus_than_processes_is_refused(recipe):
+    with pytest.raises(LaunchError, match=r"^--cpus-per-task 4 is fewer than the 8 training processes of a node; "
+                                          r"give at least one CPU per process \(e.g. --cpus-per-task 64\)$"):
+        validate(spec(recipe, gpus_per_node=8, cpus_per_task=4))
+
+
+def launch_dry_run(recipe, tmp_path, capsys, monkeypatch, *flags):
+    """``keyetron launch ... --dry-run`` from the recipe's folder with no sbatch anywhere: (status, stdout, stderr)."""
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.chdir(tmp_path)
+    code = main(["launch", "--recipe", str(recipe), *flags, "--dry-run"])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--set", "data.sources=[data/demo/trian.jsonl]"],
+     "data.sources[0] data/demo/trian.jsonl does not exist (in {tmp}: relative paths are read from where the job "
+     "starts); fix the path in the recipe or with --set data.sources=[...]"),
+    (["--set", "data.eval=data/demo/eval.jsonl"],
+     "data.eval data/demo/eval.jsonl does not exist (in {tmp}: relative paths are read from where the job starts); "
+     "fix the path in the recipe or with --set data.eval=..."),
+    (["--set", "model.init=ckpt/stage2"],
+     "model.init ckpt/stage2 does not exist (in {tmp}: relative paths are read from where the job starts); give a "
+     "Hugging Face folder, a keyetron step-N checkpoint or a `keyetron merge` output"),
+    (["--set", "checkpoint.start_from={tmp}/runs/s2/checkpoints/step-000100"],
+     "checkpoint.start_from {tmp}/runs/s2/checkpoints/step-000100 does not exist; give the earlier stage's step-N "
+     "checkpoint folder"),
+    (["--set", "model.config=tiniest"],
+     "unknown model config 'tiniest': use one of ['keye-8b', 'small', 'tiny'] or a path to a YAML file"),
+    (["--tp", "3"],  # on 6 GPUs the world fits; the model's 4 heads do not
+     "parallel.tp=3 does not divide the attention heads: model config 'tiny' has num_heads 4, num_kv_heads 2, "
+     "vocab_size 151936; choose parallel.tp from 1, 2 or 4"),
+    (["--pp", "2"],
+     "train.grad_accum=1 with parallel.pp=2: a pipeline of 2 stages needs at least 2 packed rows (micro-batches) "
+     "per step and data-parallel rank; set train.grad_accum to 2 or more, or lower parallel.pp"),
+    (["--pp", "3", "--set", "train.grad_accum=3"],
+     "parallel.pp=3 pipeline stages for the 2 decoder layers of model config 'tiny' (num_layers 2): every stage "
+     "needs a layer; choose pp x virtual_stages <= 2"),
+])
+def test_a_job_that_cannot_start_fails_in_one_line_before_anything_is_written(recipe, tmp_path, capsys,
+                                                                              monkeypatch, flags, message):
+    flags = [flag.format(tmp=tmp_path) for flag in flags]
+    code, out, err = launch_dry_run(recipe, tmp_path, capsys, monkeypatch, "--gpus-per-node", "6", *flags)
+    assert (code, out) == (2, "")
+    assert err == f"keyetron launch: {message.format(tmp=tmp_path)}\n"
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_preflight_reads_relative_paths_from_the_submit_directory(recipe, tmp_path, capsys, monkeypatch):
+    (tmp_path / "ckpt" / "stage2").mkdir(parents=True)
+    (tmp_path / "data" / "demo" / "eval.jsonl").write_text("")
+    code, out, err = launch_dry_run(recipe, tmp_path, capsys, monkeypatch, "--gpus-per-node", "0",
+                                    "--set", "model.init=ckpt/stage2", "--set", "data.eval=data/demo/eval.jsonl",
+                                    "--set", "checkpoint.start_from=ckpt/missing-but-resumed")
+    # start_from is read only when the run has no checkpoint of its own: here it has one
+    assert code == 2 and "checkpoint.start_from ckpt/missing-but-resumed does not exist" in err
+    (tmp_path / "run" / "checkpoints" / "step-000004").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "step-000004" / "state.json").write_text("{}")
+    code, out, err = launch_dry_run(recipe, tmp_path, capsys, monkeypatch, "--gpus-per-node", "0",
+                                    "--set", "model.init=ckpt/stage2", "--set", "data.eval=data/demo/eval.jsonl",
+                                    "--set", "checkpoint.start_from=ckpt/missing-but-resumed")
+    assert (code, err) == (0, "") and out.startswith("#!/bin/bash\n")

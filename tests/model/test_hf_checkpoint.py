@@ -15,6 +15,7 @@ from keyetron.model.hf_checkpoint import (
     load_hf_checkpoint,
     load_hf_model,
     save_hf_checkpoint,
+    to_hf_name,
 )
 
 RELEASED_NAMES = [
@@ -87,13 +88,30 @@ def test_unexpected_key_and_shape_mismatch_are_listed(tiny_cfg, tmp_path):
 def test_released_unused_tensors_are_skipped(tiny_cfg, tmp_path):
     model = build_model(tiny_cfg, seed=1)
     save_hf_checkpoint(model, tmp_path)
+    # Values no parameter holds, and the packing table shaped like the ViT's position table, so
+    # that a skipped tensor landing anywhere, even where the shapes agree, would be seen.
+    table = model.vit.embeddings.position_embedding.weight
+    skipped = {
+        "visual.vision_model.head.probe": torch.full((1, 1, 32), 7.25),
+        "visual.vision_model.embeddings.packing_position_embedding.weight":
+            torch.arange(table.numel(), dtype=table.dtype).reshape(table.shape) + 1000.0,
+    }
+    _rewrite(tmp_path, lambda t: t.update(skipped))
 
-    def edit(t):
-        t["visual.vision_model.head.probe"] = torch.zeros(1, 1, 32)
-        t["visual.vision_model.embeddings.packing_position_embedding.weight"] = torch.zeros(16, 32)
+    target = build_model(tiny_cfg, seed=4)
+    with torch.no_grad():
+        for p in target.parameters():
+            p.fill_(float("nan"))  # biases and norm scales are equal under every seed: only a copy clears this
+    load_hf_checkpoint(target, tmp_path)
 
-    _rewrite(tmp_path, edit)
-    load_hf_checkpoint(build_model(tiny_cfg, seed=4), tmp_path)
+    checkpoint = load_file(tmp_path / "model.safetensors")
+    ours = dict(target.named_parameters())
+    assert set(checkpoint) == {to_hf_name(n) for n in ours} | set(skipped)
+    for n, p in ours.items():
+        assert torch.equal(p, checkpoint[to_hf_name(n)]), n
+    skipped_values = torch.cat([t.flatten() for t in skipped.values()])
+    for n, t in target.state_dict().items():
+        assert not torch.isin(t, skipped_values).any(), n
 
 
 def test_missing_folder_and_missing_shard_say_what_is_wrong(tiny_cfg, tmp_path):
@@ -118,6 +136,17 @@ def test_init_llm_from_a_transformers_qwen3_checkpoint(tiny_cfg, tmp_path):
     ref_state = ref.state_dict()
     for n, p in model.llm.named_parameters():
         assert torch.equal(p, ref_state[hf_name(n)]), n
+
+
+def test_loading_parts_into_a_meta_model_is_refused_saying_what_to_build(tiny_cfg, tmp_path):
+    """README's recipe: build on a real device, then load parts. A meta model holds no values: loading
+    into it would leave every parameter empty, so it is an error before anything is read."""
+    pytest.importorskip("transformers")
+    from test_llm_parity import reference_qwen3
+
+    reference_qwen3(tiny_cfg).save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="meta device .* build the model on a real device"):
+        init_llm_from_qwen3(build_model(tiny_cfg, device="meta"), tmp_path)
 
 
 def test_init_llm_from_tied_qwen3_copies_the_embedding_into_the_head(tiny_cfg, tmp_path):

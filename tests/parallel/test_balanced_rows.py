@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from keyetron.data.dataset import DocumentBuilder, MediaConfig, SampleDataset
+from keyetron.data.dataset import DocumentBuilder, MediaConfig, SampleCost, SampleDataset
 from keyetron.data.demo import make_demo
 from keyetron.data.loader import LoaderConfig, epoch_order
 from keyetron.data.packing import PADDING_SAMPLE_ID
@@ -111,7 +111,7 @@ def test_a_new_data_parallel_size_consumes_the_rest_of_the_epoch_exactly_once(de
     carry = [p for _, p in state["carry"]]
     drawn = [costs[orders[p // n][p % n]] for p in range(state["cursors"]["all"]) if p not in carry]
     # every drawn sample handed out once (none lost, none repeated), before and after the resize
-    assert sorted(seen) == sorted(c.sample_id for c in drawn if c is not None and c.llm_tokens <= cfg.row_tokens)
+    assert sorted(seen) == sorted(c.sample_id for c in drawn if isinstance(c, SampleCost) and c.llm_tokens <= cfg.row_tokens)
     assert state["cursors"]["all"] >= n
 
 
@@ -120,7 +120,7 @@ def test_a_token_mixture_holds_at_token_level_over_the_steps(demo, costs):
     cfg = LoaderConfig(row_tokens=256, seed=1, balance=True, mixture=mixture)
     loaders = readers(demo, costs, 2, cfg)
     tokens = dict.fromkeys(mixture, 0)
-    kind_of = {c.sample_id: c for c in costs if c is not None}
+    kind_of = {c.sample_id: c for c in costs if isinstance(c, SampleCost)}
     for _ in range(6):
         for rows in step(loaders):
             for i in ids(rows):

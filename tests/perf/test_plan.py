@@ -119,4 +119,21 @@ def test_cli_plan_prints_the_ranking_and_fails_when_nothing_fits(capsys):
     out = capsys.readouterr().out
     assert "| 1 | tp" in out and "| 3 | tp" in out and "| 4 | tp" not in out and "fit in memory" in out
     assert main(["plan", "--model", "keye-8b", "--gpus", "8", "--seq", "131072", "--gpu-memory-gib", "16"]) == 1
-    assert "0 of 19 layouts fit" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "0 of 19 layouts fit" in out
+    # ... and says what to change: the closest layout, how far it is, and the knobs that close the gap
+    advice = out[out.index("The closest is"):]
+    assert "tp8pp1cp1dp1: 56.1 GiB for 10 GiB usable" in advice and "--gpus" in advice and "--seq" in advice
+    assert main(["plan", "--model", "keye-8b", "--gpus", "8", "--seq", "131072", "--gpu-memory-gib", "141"]) == 0
+    assert "The closest is" not in capsys.readouterr().out
+
+
+def test_plan_with_too_few_rows_for_any_pipeline_says_to_raise_the_global_batch(capsys):
+    from keyetron.perf.plan import no_fit_advice
+
+    class Args:
+        gpu_memory_gib, reserve_gib = 80, 4
+    assert "raise --global-batch" in no_fit_advice([{"layout": "tp8 pp2", "flag": "no micro-batch"}], Args)
+    advice = no_fit_advice([{"layout": "a", "memory_gib": {"total": 90.0}},
+                            {"layout": "b", "memory_gib": {"total": 85.5}}], Args)
+    assert advice.startswith("The closest is b: 85.5 GiB for 76 GiB usable.")

@@ -12,6 +12,7 @@ from distributed import run_ranks
 from keyetron.cli import main
 from keyetron.config import ConfigError
 from keyetron.model import build_model, load_model_config
+from keyetron.batch import PackedBatch
 from keyetron.model.hf_checkpoint import load_hf_model, save_hf_checkpoint
 from keyetron.parallel.sharded_checkpoint import save_distributed
 from keyetron.parallel.topology import Topology
@@ -175,3 +176,52 @@ def test_cli_merges_from_arguments_and_from_the_tiny_recipe(models, tmp_path, mo
 def test_the_example_recipe_is_a_valid_merge_recipe():
     recipe = load_merge_recipe(ROOT / "recipes" / "merge.yaml")
     assert len(recipe.inputs) == 2 and recipe.hf_output and recipe.dtype == "auto"
+
+
+@pytest.fixture(scope="module")
+def extended_run(tmp_path_factory):
+    """One step of a context-extended run (``model.rope_theta: 8e6``) through the trainer."""
+    from keyetron.data.demo import make_demo
+    from keyetron.train.recipe import load_recipe
+    from keyetron.train.trainer import Trainer
+
+    tmp = tmp_path_factory.mktemp("extended")
+    make_demo(tmp / "demo", seed=0, train_size=12, eval_size=2)
+    recipe = load_recipe(ROOT / "recipes" / "tiny" / "stage1_align.yaml",
+                         [f"data.sources=[{tmp / 'demo' / 'train.jsonl'}]", f"output_dir={tmp / 'run'}",
+                          "model.rope_theta=8.0e+6", "model.init=null", "train.steps=2", "train.freeze=[]",
+                          "eval.every=0",
+                          "data.eval=null", "data.loader.balance=false"])
+    trainer = Trainer(recipe)
+    trainer.fit()
+    return trainer, tmp / "run" / "checkpoints" / "step-000002"
+
+
+def test_a_context_extended_checkpoint_exports_with_its_rope_base_and_logits(extended_run, tmp_path):
+    """keyetron merge --hf of a checkpoint trained with a raised RoPE base writes that base, and the
+    reloaded model gives the trained model's logits."""
+    from synthetic import make_document
+
+    trainer, checkpoint = extended_run
+    assert load_model_config(checkpoint / "model.yaml").text.rope_theta == 8e6  # the checkpoint says what it is
+    assert main(["merge", "--out", str(tmp_path / "out"), "--hf", str(tmp_path / "hf"), str(checkpoint)]) == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["rope_theta"] == 8e6
+    assert load_model_config(tmp_path / "out" / "model.yaml").text.rope_theta == 8e6
+    exported = load_hf_model(tmp_path / "hf")
+    batch = PackedBatch.from_documents([make_document(trainer.cfg, torch.Generator().manual_seed(0), text=30,
+                                                      images=[(4, 4)], dtype=torch.float32)])
+    with torch.no_grad():
+        torch.testing.assert_close(exported.logits(batch), trainer.model.logits(batch), rtol=0, atol=1e-6)
+    # A checkpoint written before model.yaml existed: the recipe's override still counts.
+    (checkpoint / "model.yaml").unlink()
+    assert main(["merge", "--out", str(tmp_path / "old"), str(checkpoint)]) == 0
+    assert load_model_config(tmp_path / "old" / "model.yaml").text.rope_theta == 8e6
+
+
+def test_merging_checkpoints_of_different_rope_bases_is_refused_naming_both_and_the_field(extended_run, models,
+                                                                                         tmp_path, capsys):
+    _, extended = extended_run
+    plain = save_as("keyetron", models[0], tmp_path / "plain")  # tiny at its own RoPE base, 1e6
+    assert main(["merge", "--out", str(tmp_path / "out"), str(plain), str(extended)]) == 1
+    err = capsys.readouterr().err
+    assert str(plain) in err and str(extended) in err and "text.rope_theta: 1000000.0 != 8000000.0" in err

@@ -104,3 +104,17 @@ def test_yaml_errors_name_the_file_and_key():
 def test_impossible_step_budgets_are_errors(cfg, total, match):
     with pytest.raises(ValueError, match=match):
         lr_lambda(cfg, total)
+
+
+def test_every_step_of_every_tiny_twin_trains():
+    """The twins run a handful of steps: none of them may spend one at learning rate 0."""
+    from pathlib import Path
+
+    from keyetron.train.recipe import load_recipe
+
+    for path in sorted((Path(__file__).resolve().parents[2] / "recipes" / "tiny").glob("*.yaml")):
+        if path.name == "merge.yaml":
+            continue
+        recipe = load_recipe(path)
+        multipliers = [lr_lambda(recipe.schedule, recipe.train.steps)(s) for s in range(recipe.train.steps)]
+        assert min(multipliers) > 0, (path.name, multipliers)

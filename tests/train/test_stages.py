@@ -26,7 +26,8 @@ def demo(tmp_path_factory):
 
 
 def overrides(demo, out, *more):
-    return [f"data.sources=[{demo}]", f"output_dir={out}", *more]
+    """The twin on the test's demo data, from random weights (the twins chain through model.init)."""
+    return [f"data.sources=[{demo}]", f"output_dir={out}", "model.init=null", *more]
 
 
 def _train(rank, world, name, sets, dims):

@@ -117,6 +117,77 @@ def test_bad_samples_are_skipped_and_listed_while_training_goes_on(demo, tmp_pat
     assert "skipped samples: 3" in log and "broken-image" in log
 
 
+def test_balanced_steps_report_unusable_samples_with_their_id_location_and_reason(demo, tmp_path):
+    """A sample the cost index finds unusable is skipped as the streaming loader reports it: its
+    id, file:line and reason (not '<record 0>'), in the log and in the summary."""
+    lines = (demo / "train.jsonl").read_text().splitlines()[:20]
+    first_image = next(json.loads(ln) for ln in lines if '"image"' in ln)
+    broken = json.loads(json.dumps(first_image).replace('"image": "', '"image": "missing-'))
+    broken["id"] = "broken-image"
+    manifest = demo / "balanced-with-a-bad-image.jsonl"
+    manifest.write_text("\n".join([json.dumps(broken)] + lines) + "\n")
+    summaries = {}
+    for balance in (False, True):
+        recipe = write_recipe(tmp_path / f"r{balance}.yaml", demo, tmp_path / f"o{balance}", train={"steps": 3},
+                              eval={"max_samples": 1},
+                              data={"sources": [str(manifest)],
+                                    "loader": {"row_tokens": 512, "buffer_docs": 4, "shuffle": False,
+                                               "balance": balance}})
+        summaries[balance] = Trainer(load_recipe(recipe)).fit()["skips"]
+    streaming, balanced = summaries[False], summaries[True]
+    assert balanced["by_kind"] == streaming["by_kind"] == {"bad_media": 1}
+    entry = balanced["examples"][0]
+    assert entry == streaming["examples"][0]
+    assert entry["sample_id"] == "broken-image" and entry["location"].endswith("balanced-with-a-bad-image.jsonl:1")
+    assert "missing-" in entry["reason"] and "not found" in entry["reason"]
+    assert "broken-image" in (tmp_path / "oTrue" / "train.log").read_text()
+
+
+def test_the_logged_learning_rate_is_the_one_each_step_used(demo, tmp_path):
+    from keyetron.train.schedule import lr_lambda
+
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", demo, tmp_path / "o", train={"steps": 4},
+                                      eval={"max_samples": 1}))
+    Trainer(recipe).fit()
+    logged = {m["step"]: m["train/lr"] for m in map(json.loads, (tmp_path / "o" / "metrics.jsonl").read_text()
+                                                    .splitlines()) if "train/lr" in m}
+    multiplier = lr_lambda(recipe.schedule, recipe.train.steps)
+    assert logged == {k: pytest.approx(recipe.optim.lr * multiplier(k - 1)) for k in range(1, 5)}
+
+
+def test_a_missing_model_init_is_one_line_naming_the_key_before_anything_is_built(demo, tmp_path, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml", demo, tmp_path / "o")
+    assert main(["train", str(recipe), "--set", f"model.init={tmp_path / 'nowhere'}"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (f"keyetron: model.init {tmp_path / 'nowhere'} does not exist; give a Hugging Face folder, a "
+                   "keyetron step-N checkpoint or a `keyetron merge` output")
+
+
+def test_resuming_under_another_model_config_is_one_line_naming_both(demo, tmp_path, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml", demo, tmp_path / "o", train={"steps": 2}, eval={"max_samples": 1})
+    assert main(["train", str(recipe)]) == 0
+    capsys.readouterr()
+    assert main(["train", str(recipe), "--set", "model.config=small", "--set", "train.steps=3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "checkpoint.resume" in err[0] and "step-000002" in err[0], err
+    assert "another architecture than model.config small" in err[0] and "vision.hidden_size" in err[0], err
+    assert "(tiny, its model.yaml)" in err[0], err
+
+
+def test_resume_auto_passes_over_a_truncated_newest_checkpoint_and_says_why(demo, tmp_path, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml", demo, tmp_path / "o", train={"steps": 3}, eval={"max_samples": 1})
+    Trainer(load_recipe(recipe, ["checkpoint.every=1", "checkpoint.keep=3"])).fit()
+    newest = tmp_path / "o" / "checkpoints" / "step-000003" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # a copy cut short
+    resumed = Trainer(load_recipe(recipe))
+    assert resumed.step == 2
+    assert "step-000003 cannot be resumed (model.safetensors has" in (tmp_path / "o" / "train.log").read_text()
+    capsys.readouterr()  # the runs' own log lines
+    assert main(["train", str(recipe), "--set", f"checkpoint.resume={newest.parent}"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"checkpoint {newest.parent} cannot be resumed: model.safetensors has" in err[0], err
+
+
 def test_greedy_generation_matches_full_forward_argmax(tiny_cfg):
     gen = torch.Generator().manual_seed(3)
     model = build_model(tiny_cfg, dtype=torch.float64, seed=0).eval()
