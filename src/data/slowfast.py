@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from keyetron.data.resize import PATCH_FACTOR, num_tokens, resize_to_tokens
-from keyetron.data.video import decode_frames, probe_video
+from keyetron.data.hsv import rgb_to_hsv_uint8
+from keyetron.data.video import open_video
 
 SimilarityName = Literal["keye-hsv-patch", "gray-mad"]
 SLOW, FAST = 0, 1
@@ -148,38 +149,12 @@ def sample_frame_indices(num_frames: int, source_fps: float, profile: str | Slow
 
 # ---------------------------------------------------------------- 2. frame types
 
-_HSV_SHIFT = 12  # OpenCV's fixed-point RGB->HSV (8-bit): same integers as cv2.cvtColor(COLOR_RGB2HSV)
-_DIVISOR = np.arange(256, dtype=np.float64)
-_DIVISOR[0] = 1.0
-_S_DIV = np.where(np.arange(256) == 0, 0, np.round((255 << _HSV_SHIFT) / _DIVISOR)).astype(np.int64)
-_H_DIV = np.where(np.arange(256) == 0, 0, np.round((180 << _HSV_SHIFT) / (6.0 * _DIVISOR))).astype(np.int64)
-
-
-def rgb_to_hsv_uint8(rgb: np.ndarray) -> np.ndarray:
-    """RGB uint8 (..., 3) -> HSV uint8 with H in [0, 180), bit-exact with OpenCV.
-
-    The public similarity runs on OpenCV's HSV; reproducing its integer arithmetic keeps the
-    decisions identical without making OpenCV a dependency.
-    """
-    c = rgb.astype(np.int64)
-    r, g, b = c[..., 0], c[..., 1], c[..., 2]
-    v = c.max(axis=-1)
-    diff = v - c.min(axis=-1)
-    half = 1 << (_HSV_SHIFT - 1)
-    s = (diff * _S_DIV[v] + half) >> _HSV_SHIFT
-    h = np.where(v == r, g - b, np.where(v == g, b - r + 2 * diff, r - g + 4 * diff))
-    h = (h * _H_DIV[diff] + half) >> _HSV_SHIFT
-    h = np.where(h < 0, h + 180, h)
-    return np.stack([h, s, v], axis=-1).astype(np.uint8)
-
-
-def _resize_for_similarity(frames: np.ndarray, profile: SlowFastProfile) -> np.ndarray:
-    """All frames at one small size (<= similarity_max_tokens), as the public code does it."""
+def _resize_for_similarity(frames: np.ndarray, profile: SlowFastProfile) -> torch.Tensor:
+    """All frames at one small size (<= similarity_max_tokens), as the public code does it: (N, 3, h, w) uint8."""
     _, h, w, _ = frames.shape
     size = resize_to_tokens(h, w, profile.similarity_max_tokens, profile.min_tokens, compat=profile.compat)
     nchw = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # uint8, channels-last memory
-    small = F.interpolate(nchw, size=list(size), mode="bilinear", antialias=True)
-    return small.permute(0, 2, 3, 1).numpy()
+    return F.interpolate(nchw, size=list(size), mode="bilinear", antialias=True)  # channels-last memory too
 
 
 class _Features(NamedTuple):
@@ -189,16 +164,21 @@ class _Features(NamedTuple):
     norms: torch.Tensor | None
 
 
-def _frame_features(frame: np.ndarray, similarity: SimilarityName) -> _Features:
+def _frame_features(frame: torch.Tensor, similarity: SimilarityName) -> _Features:
+    """Features of one small frame (3, h, w) uint8."""
     if similarity == "gray-mad":  # BT.601 luma
-        return _Features(frame.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32), None)
-    hsv = torch.from_numpy(rgb_to_hsv_uint8(frame)).float()
-    gh, gw = hsv.shape[0] // PATCH_FACTOR, hsv.shape[1] // PATCH_FACTOR
+        rgb = frame.permute(1, 2, 0).numpy().astype(np.float32)
+        return _Features(rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32), None)
+    hsv = torch.from_numpy(rgb_to_hsv_uint8(frame.permute(1, 2, 0).numpy()))  # (h, w, 3), any strides
+    h, w, _ = hsv.shape
+    gh, gw = h // PATCH_FACTOR, w // PATCH_FACTOR
     # Channel-major patch vectors (c, p1, p2) reduced by torch in float32, as the public code does:
     # the cosines then equal its cosines bit for bit, not merely to within float32 rounding.
-    patches = hsv.reshape(gh, PATCH_FACTOR, gw, PATCH_FACTOR, 3).permute(0, 2, 4, 1, 3).reshape(gh, gw, -1)
+    patches = torch.empty(gh, gw, 3, PATCH_FACTOR, PATCH_FACTOR)
+    patches.copy_(hsv.reshape(gh, PATCH_FACTOR, gw, PATCH_FACTOR, 3).permute(0, 2, 4, 1, 3))  # + uint8 -> float32
+    patches = patches.reshape(gh, gw, -1)
     norm = torch.linalg.vector_norm(patches, dim=-1, keepdim=True) + 1e-8
-    return _Features(patches / norm, norm[..., 0])
+    return _Features(patches.div_(norm), norm[..., 0])
 
 
 def _similarity(a: _Features, b: _Features, profile: SlowFastProfile) -> float:
@@ -323,10 +303,11 @@ def plan_video(path: str | Path, profile: str | SlowFastProfile = "paper", fps: 
     prof = get_profile(profile)
     if similarity_threshold is not None:
         prof = replace(prof, similarity_threshold=similarity_threshold)
-    info = probe_video(path)
-    indices = sample_frame_indices(info.num_frames, info.fps, prof, fps, total_tokens)
-    timestamps = [int(i) / info.fps for i in indices]
-    frames = decode_frames(path, timestamps)
+    with open_video(path) as video:
+        info = video.info
+        indices = sample_frame_indices(info.num_frames, info.fps, prof, fps, total_tokens)
+        timestamps = [int(i) / info.fps for i in indices]
+        frames = video.frames_at(timestamps)
     return plan_frames(frames, timestamps, prof, total_tokens), frames
 
 

@@ -3,7 +3,10 @@
 Training reads a handful of frames (2 fps) out of long clips, so decoding everything is the
 cost to avoid: `probe_video` reads container/stream headers only, and `decode_frames`
 seeks to the keyframe before a wanted time when the gap from the current position is
-large, otherwise it decodes forward. Only the chosen frames are converted to RGB.
+large, otherwise it decodes forward. Between wanted frames the decoder skips the frames
+no other frame is predicted from (B-frames, mostly): they cannot change any wanted frame.
+Only the chosen frames are converted to RGB. `open_video` probes and decodes through one
+opened file (opening parses the container and starts the decoder: not free).
 
 Every failure a user can hit with a bad file (missing, not a video, truncated, no frames,
 undecodable) surfaces as `MediaError(path, reason)`, never as a raw PyAV exception, so a
@@ -11,7 +14,10 @@ data loader can skip or report the sample by path.
 """
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
+from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -88,6 +94,43 @@ def _count_packets(container: InputContainer, stream: VideoStream) -> tuple[int,
     return count, span
 
 
+def _probe(path: str | Path, container: InputContainer, stream: VideoStream) -> tuple[VideoInfo, bool]:
+    """(metadata, whether packets were demuxed to count frames: then the container is used up)."""
+    ctx = stream.codec_context
+    height, width = int(ctx.height or 0), int(ctx.width or 0)
+    if height <= 0 or width <= 0:
+        raise MediaError(path, f"video stream reports size {height}x{width}; the header is broken: "
+                               f"{_REENCODE_HINT}")
+    timed = bool(stream.duration or container.duration)
+    # With container timestamps the average rate is the real one (decord reports the same);
+    # raw elementary streams get a made-up average (25) and the codec's rate is better.
+    rates = (stream.average_rate, stream.guessed_rate) if timed else (stream.guessed_rate, stream.average_rate)
+    rate = _positive_fraction(*rates, stream.base_rate)
+    num_frames = int(stream.frames or 0)
+    duration = 0.0
+    if stream.duration and stream.time_base:
+        duration = float(stream.duration * stream.time_base)
+    elif container.duration:
+        duration = container.duration / av.time_base
+    if num_frames <= 0 and duration > 0 and rate is not None:
+        num_frames = int(round(duration * float(rate)))
+    demuxed = False
+    if num_frames <= 0 or rate is None:
+        num_frames, span = _count_packets(container, stream)
+        demuxed = True
+        duration = duration or span
+        if rate is None and num_frames > 0 and duration > 0:
+            rate = Fraction(num_frames) / Fraction(duration)
+    if num_frames <= 0:
+        raise MediaError(path, "contains no video frames (empty or interrupted recording); drop the sample")
+    if rate is None:
+        raise MediaError(path, f"frame rate cannot be determined from the file: {_REENCODE_HINT}")
+    fps = float(rate)
+    if duration <= 0:
+        duration = num_frames / fps
+    return VideoInfo(str(path), duration, fps, num_frames, height, width, ctx.name), demuxed
+
+
 def probe_video(path: str | Path) -> VideoInfo:
     """Metadata from the container and stream headers, without decoding any frame.
 
@@ -96,51 +139,40 @@ def probe_video(path: str | Path) -> VideoInfo:
     demuxed and counted. Raises MediaError when the file holds no video frame.
     """
     with _open_video(path) as (container, stream):
-        ctx = stream.codec_context
-        height, width = int(ctx.height or 0), int(ctx.width or 0)
-        if height <= 0 or width <= 0:
-            raise MediaError(path, f"video stream reports size {height}x{width}; the header is broken: "
-                                   f"{_REENCODE_HINT}")
-        timed = bool(stream.duration or container.duration)
-        # With container timestamps the average rate is the real one (decord reports the same);
-        # raw elementary streams get a made-up average (25) and the codec's rate is better.
-        rates = (stream.average_rate, stream.guessed_rate) if timed else (stream.guessed_rate, stream.average_rate)
-        rate = _positive_fraction(*rates, stream.base_rate)
-        num_frames = int(stream.frames or 0)
-        duration = 0.0
-        if stream.duration and stream.time_base:
-            duration = float(stream.duration * stream.time_base)
-        elif container.duration:
-            duration = container.duration / av.time_base
-        if num_frames <= 0 and duration > 0 and rate is not None:
-            num_frames = int(round(duration * float(rate)))
-        if num_frames <= 0 or rate is None:
-            num_frames, span = _count_packets(container, stream)
-            duration = duration or span
-            if rate is None and num_frames > 0 and duration > 0:
-                rate = Fraction(num_frames) / Fraction(duration)
-        if num_frames <= 0:
-            raise MediaError(path, "contains no video frames (empty or interrupted recording); drop the sample")
-        if rate is None:
-            raise MediaError(path, f"frame rate cannot be determined from the file: {_REENCODE_HINT}")
-        fps = float(rate)
-        if duration <= 0:
-            duration = num_frames / fps
-        return VideoInfo(str(path), duration, fps, num_frames, height, width, ctx.name)
+        return _probe(path, container, stream)[0]
+
+
+_LOOKAHEAD = 16  # packets demuxed ahead of the decoder: enough to meet the next frame in presentation order
+# Decoders that read skip_frame for every packet and skip exactly the frames nothing is predicted
+# from (checked frame for frame against full decodes, tests/data/test_video.py). Others, e.g.
+# libdav1d, read it once when opened and then drop wanted frames too: they decode everything.
+_SKIPS_UNREFERENCED_FRAMES = frozenset({"h264", "hevc"})
+# Containers whose packets carry presentation timestamps, which the skip decision reads. AVI
+# stores none: with B-frames its packet times are in decode order (and its frame times are
+# unreliable, skipping or not).
+_PRESENTATION_TIMESTAMPS = frozenset({"mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm", "mpegts"})
 
 
 class _FrameCursor:
-    """Forward decoding position in one stream, with a look-ahead frame and seeking."""
+    """Forward decoding position in one stream, with a look-ahead frame and seeking.
 
-    def __init__(self, path: str | Path, container: InputContainer, stream: VideoStream,
-                 fps: float) -> None:
+    `targets` are all the times (sorted, seconds) that will be asked for. With H.264 and HEVC
+    in MP4/MOV, Matroska/WebM or MPEG-TS, a frame shown at none of them is decoded only if
+    other frames are predicted from it: the decoder is told to skip it otherwise (skip_frame
+    NONREF, set per packet).
+    """
+
+    def __init__(self, path: str | Path, container: InputContainer, stream: VideoStream, fps: float,
+                 targets: list[float], tolerance: float) -> None:
         self.path, self.container, self.stream = path, container, stream
         self.origin = stream.start_time or 0  # pts of the first frame; times are reported relative to it
         self.frame_period = 1.0 / fps
+        self._time_base = (stream.time_base.numerator, stream.time_base.denominator) if stream.time_base else (0, 1)
+        self.targets, self.tolerance = targets, tolerance
         self.current: av.VideoFrame | None = None  # last decoded frame at or before the target
         self.current_time = -math.inf
         self.exhausted = False
-        self._frames = container.decode(stream)
+        self._frames = self._decode()
         self.last_seen_time = -self.frame_period  # so a first frame without pts is at 0.0
         self.serial = 0  # counts frames taken as `current`: identifies them for the RGB cache
         # Raw elementary streams carry no timestamps: times are then counted from the start and
@@ -149,10 +181,40 @@ class _FrameCursor:
         self.pending, self.pending_time = self._next()
         self.seekable = self.pending is not None and self.pending.pts is not None
 
-    def _time_of(self, frame: av.VideoFrame) -> float:
-        if frame.pts is None:  # no timestamp: assume constant frame rate after the previous one
-            return self.last_seen_time + self.frame_period
-        return float((frame.pts - self.origin) * self.stream.time_base)
+    def _seconds(self, pts: int) -> float:
+        return (pts - self.origin) * self._time_base[0] / self._time_base[1]  # exact int / int: float(Fraction)
+
+    def _shown_at_a_target(self, packet: av.Packet, ahead: deque[av.Packet]) -> bool:
+        """Whether the frame in `packet` may be the frame on screen at one of the targets.
+
+        A frame is on screen from its time until the next frame's, looked for among the packets
+        demuxed ahead; when that one is not among them the interval only grows, so the answer
+        errs on the side of decoding.
+        """
+        later = [p.pts for p in ahead if p.pts is not None and p.pts > packet.pts]
+        start = self._seconds(packet.pts) - self.tolerance
+        end = self._seconds(min(later)) - self.tolerance if later else math.inf
+        i = bisect.bisect_left(self.targets, start)
+        return i < len(self.targets) and self.targets[i] < end
+
+    def _decode(self) -> Iterator[av.VideoFrame]:
+        """Frames from the container's current position, in presentation order."""
+        codec = self.stream.codec_context
+        packets = self.container.demux(self.stream)
+        if codec.name not in _SKIPS_UNREFERENCED_FRAMES or self.container.format.name not in _PRESENTATION_TIMESTAMPS:
+            for packet in packets:
+                yield from codec.decode(packet)
+            return
+        ahead = deque(itertools.islice(packets, _LOOKAHEAD))
+        first = True  # decoded in full: the decoder opens with it (and it is a keyframe)
+        while ahead:
+            packet = ahead.popleft()
+            ahead.extend(itertools.islice(packets, 1))
+            unwanted = (not first and packet.pts is not None and packet.size > 0
+                        and not self._shown_at_a_target(packet, ahead))
+            codec.skip_frame = "NONREF" if unwanted else "DEFAULT"
+            first = False
+            yield from codec.decode(packet)
 
     def _next(self) -> tuple[av.VideoFrame | None, float]:
         try:
@@ -163,11 +225,11 @@ class _FrameCursor:
         if frame is None:
             self.exhausted = True
             return None, math.inf
-        t = self._time_of(frame)
+        t = self._seconds(frame.pts) if frame.pts is not None else self.last_seen_time + self.frame_period
         self.last_seen_time = t
         return frame, t
 
-    def seek(self, t: float, tolerance: float) -> None:
+    def seek(self, t: float) -> None:
         """Jump to the keyframe at or before t (ready for `advance_to(t)`).
 
         Some indexes place the landing keyframe after t (seeks by decode time with B-frames);
@@ -181,11 +243,11 @@ class _FrameCursor:
                                     backward=True, any_frame=False)
             except av.FFmpegError as exc:
                 raise MediaError(self.path, f"seeking to {when:.3f}s failed ({exc}): {_REENCODE_HINT}") from exc
-            self._frames = self.container.decode(self.stream)
+            self._frames = self._decode()
             self.current, self.current_time = None, -math.inf
             self.exhausted = False
             self.pending, self.pending_time = self._next()
-            if self.pending is None or self.pending_time <= t + tolerance or when == 0.0:
+            if self.pending is None or self.pending_time <= t + self.tolerance or when == 0.0:
                 return
             margin = max(2 * margin, 1.0)
 
@@ -194,7 +256,7 @@ class _FrameCursor:
         self.pending, self.pending_time = None, math.inf
         self.serial += 1
 
-    def advance_to(self, t: float, tolerance: float) -> None:
+    def advance_to(self, t: float) -> None:
         """Decode forward until the next frame starts after `t`; `current` is then the frame shown at t."""
         while True:
             if self.pending is None:
@@ -203,39 +265,44 @@ class _FrameCursor:
                 self.pending, self.pending_time = self._next()
                 if self.pending is None:
                     return
-            if self.pending_time > t + tolerance:
+            if self.pending_time > t + self.tolerance:
                 return
             self.take_pending()
 
 
-def decode_frames(path: str | Path, timestamps: Sequence[float], *, seek_gap_s: float = 2.0) -> np.ndarray:
-    """Decode the frames shown at `timestamps` (seconds from the first frame) as RGB uint8.
+class VideoFile:
+    """One opened video: its metadata (`info`) and the frames shown at given times. Made by `open_video`."""
 
-    Returns an array (len(timestamps), H, W, 3) in the order of `timestamps`; duplicates and
-    any order are allowed. The frame shown at t is the last one whose start is <= t (1 ms
-    tolerance for rounded timestamps); times past the end give the last frame. Targets are
-    visited in time order; when the next one is more than `seek_gap_s` ahead, the decoder
-    seeks to the keyframe before it instead of decoding every frame in between. If decoding
-    ends more than two frame periods before the header's duration and a later time was
-    asked for, the file is truncated -> MediaError.
-    """
-    times = np.asarray(timestamps, dtype=np.float64).reshape(-1)
-    if not np.all(np.isfinite(times)) or np.any(times < 0):
-        raise ValueError(f"timestamps must be finite and >= 0 seconds, got {times.tolist()}")
-    info = probe_video(path)
-    out = np.empty((len(times), info.height, info.width, 3), dtype=np.uint8)
-    if len(times) == 0:
-        return out
-    tolerance = min(1e-3, 0.25 / info.fps)
-    with _open_video(path) as (container, stream):
-        cursor = _FrameCursor(path, container, stream, info.fps)
+    def __init__(self, path: str | Path, container: InputContainer, stream: VideoStream, info: VideoInfo) -> None:
+        self.path, self.info = path, info
+        self._container, self._stream = container, stream
+        self._decoded = False
+
+    def frames_at(self, timestamps: Sequence[float], *, seek_gap_s: float = 2.0) -> np.ndarray:
+        """The frames shown at `timestamps` (seconds from the first frame) as RGB uint8; see `decode_frames`.
+
+        Decodes from the current position of the opened file: call it once per `open_video`.
+        """
+        times = np.asarray(timestamps, dtype=np.float64).reshape(-1)
+        if not np.all(np.isfinite(times)) or np.any(times < 0):
+            raise ValueError(f"timestamps must be finite and >= 0 seconds, got {times.tolist()}")
+        info, path = self.info, self.path
+        out = np.empty((len(times), info.height, info.width, 3), dtype=np.uint8)
+        if len(times) == 0:
+            return out
+        if self._decoded:
+            raise RuntimeError(f"{path}: frames_at was already called on this open_video(); open the file again")
+        self._decoded = True
+        tolerance = min(1e-3, 0.25 / info.fps)
+        order = np.argsort(times, kind="stable")
+        cursor = _FrameCursor(path, self._container, self._stream, info.fps, times[order].tolist(), tolerance)
         rgb_cache: dict[int, np.ndarray] = {}
-        for i in np.argsort(times, kind="stable"):
+        for i in order:
             t = float(times[i])
             gap = t - max(cursor.current_time, 0.0)
             if gap > seek_gap_s and cursor.seekable:
-                cursor.seek(t, tolerance)
-            cursor.advance_to(t, tolerance)
+                cursor.seek(t)
+            cursor.advance_to(t)
             if cursor.current is None:  # seek landed after t, or t before the first frame: take the first one
                 if cursor.pending is None:
                     raise MediaError(path, f"no decodable frame at or after {t:.3f}s; the file is truncated or "
@@ -251,7 +318,38 @@ def decode_frames(path: str | Path, timestamps: Sequence[float], *, seek_gap_s: 
             if key not in rgb_cache:
                 rgb_cache = {key: _to_rgb(path, cursor.current, info)}  # targets are sorted: older frames are done
             out[i] = rgb_cache[key]
-    return out
+        return out
+
+
+@contextmanager
+def open_video(path: str | Path) -> Iterator[VideoFile]:
+    """Open `path` once for both probing and decoding: `video.info`, then `video.frames_at(times)`.
+
+    Raises MediaError for unusable files, as `probe_video` does.
+    """
+    with _open_video(path) as (container, stream):
+        info, used_up = _probe(path, container, stream)
+        if not used_up:
+            yield VideoFile(path, container, stream, info)
+            return
+    # Counting the frames read the whole stream (a raw elementary stream): decode from a fresh open.
+    with _open_video(path) as (container, stream):
+        yield VideoFile(path, container, stream, info)
+
+
+def decode_frames(path: str | Path, timestamps: Sequence[float], *, seek_gap_s: float = 2.0) -> np.ndarray:
+    """Decode the frames shown at `timestamps` (seconds from the first frame) as RGB uint8.
+
+    Returns an array (len(timestamps), H, W, 3) in the order of `timestamps`; duplicates and
+    any order are allowed. The frame shown at t is the last one whose start is <= t (1 ms
+    tolerance for rounded timestamps); times past the end give the last frame. Targets are
+    visited in time order; when the next one is more than `seek_gap_s` ahead, the decoder
+    seeks to the keyframe before it instead of decoding every frame in between. If decoding
+    ends more than two frame periods before the header's duration and a later time was
+    asked for, the file is truncated -> MediaError.
+    """
+    with open_video(path) as video:
+        return video.frames_at(timestamps, seek_gap_s=seek_gap_s)
 
 
 def _to_rgb(path: str | Path, frame: av.VideoFrame, info: VideoInfo) -> np.ndarray:

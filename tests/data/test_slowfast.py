@@ -7,13 +7,15 @@ import numpy as np
 import pytest
 import torch
 from keye_reference import keye_vision_process
+from test_hsv import EDGE_COLOURS, hsv_path, reference_hsv  # noqa: F401  (hsv_path: a fixture, used by name)
 
+from keyetron.data import slowfast
 from keyetron.data.resize import num_tokens, resize_to_tokens
 from keyetron.data.slowfast import (
     PROFILES, SlowFastPlan, classify_frames, estimate_video_tokens, frame_similarity, frame_sizes, get_profile,
-    plan_video, rgb_to_hsv_uint8, sample_frame_indices, slow_token_budget,
+    plan_video, sample_frame_indices, slow_token_budget,
 )
-from keyetron.data.video import MediaError, write_video
+from keyetron.data.video import MediaError, decode_frames, probe_video, write_video
 
 PAPER, KEYE = PROFILES["paper"], PROFILES["keye-vl-utils"]
 
@@ -99,59 +101,71 @@ def test_compat_sampling_includes_both_ends_and_rounds_in_float32():
 # ------------------------------------------------------------------------- similarity and frame types
 
 
-def test_hsv_matches_opencv_exactly():
-    cv2 = pytest.importorskip("cv2", reason="opencv is the reference for the public code's HSV")
+def reference_patch_features(frame: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """The previous feature path on one small RGB frame (h, w, 3): interleaved HSV, then patch
+    vectors (c, p1, p2) normalised in float32 by torch, as keye-vl-utils does."""
+    hsv = torch.from_numpy(reference_hsv(frame)).float()
+    gh, gw = hsv.shape[0] // 28, hsv.shape[1] // 28
+    patches = hsv.reshape(gh, 28, gw, 28, 3).permute(0, 2, 4, 1, 3).reshape(gh, gw, -1)
+    norm = torch.linalg.vector_norm(patches, dim=-1, keepdim=True) + 1e-8
+    return patches / norm, norm[..., 0]
+
+
+def reference_frame_types(features: list, profile) -> tuple[int, ...]:
+    """Frame types from the previous features: each frame against the latest slow one, the matching
+    fraction averaged in float32 (compat, as the public code) or exactly."""
+    def similarity(a, b):
+        cosine = (a[0] * b[0]).sum(dim=-1)
+        counted = ~((a[1] < 0.01) & (b[1] < 0.01))
+        if not counted.any():
+            return 1.0
+        matched = cosine[counted] > 0.7
+        return matched.float().mean().item() if profile.compat else matched.sum().item() / matched.numel()
+
+    types, key = [0], features[0]
+    for feat in features[1:]:
+        slow = similarity(key, feat) < profile.similarity_threshold
+        types.append(0 if slow else 1)
+        key = feat if slow else key
+    return tuple(types)
+
+
+def assert_features_equal_the_reference(frames: np.ndarray, profile, reference: list | None = None) -> None:
+    small = slowfast._resize_for_similarity(frames, profile)  # (N, 3, h, w) uint8
+    if reference is None:
+        reference = [reference_patch_features(frame.permute(1, 2, 0).numpy()) for frame in small]
+    for k, (frame, (ref_values, ref_norms)) in enumerate(zip(small, reference)):
+        values, norms = slowfast._frame_features(frame, "keye-hsv-patch")
+        assert torch.equal(values, ref_values) and torch.equal(norms, ref_norms), k  # bit for bit
+    assert classify_frames(frames, profile) == reference_frame_types(reference, profile)
+
+
+@pytest.fixture(scope="module")
+def real_frames_and_reference() -> tuple[np.ndarray, list]:
+    clip = real_clip()
+    info = probe_video(clip)
+    frames = decode_frames(clip, sample_frame_indices(info.num_frames, info.fps, KEYE, 4.0) / info.fps)
+    small = slowfast._resize_for_similarity(frames, KEYE)
+    return frames, [reference_patch_features(frame.permute(1, 2, 0).numpy()) for frame in small]
+
+
+@pytest.mark.usefixtures("hsv_path")
+def test_patch_features_equal_the_previous_exact_path_on_real_frames(real_frames_and_reference):
+    frames, reference = real_frames_and_reference
+    assert len(frames) == 40  # 4 fps: includes a frame exactly at the 0.90 threshold
+    assert_features_equal_the_reference(frames, KEYE, reference)
+
+
+@pytest.mark.usefixtures("hsv_path")
+def test_patch_features_equal_the_previous_exact_path_on_edge_colours():
+    """Frames tiled with greys, pure hues, hue wrap-around, saturation 0 and value 0/255 patches."""
     rng = np.random.default_rng(0)
-    rgb = rng.integers(0, 256, (300_000, 3), dtype=np.uint8)
-    grays = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)
-    edges = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 0, 1], [1, 0, 255], [0, 1, 255]], np.uint8)
-    rgb = np.concatenate([rgb, grays, edges])[None]
-    assert np.array_equal(rgb_to_hsv_uint8(rgb), cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV))
-
-
-def test_frames_are_compared_with_the_latest_slow_frame_not_the_previous_one():
-    frames = scene_frames(20, 168, 224, speed=4)
-    types = classify_frames(frames, PAPER)
-    assert types[0] == 0
-    late_slow = [j for j in range(2, 20) if types[j] == 0]
-    assert late_slow, types  # the drift accumulates against the key frame...
-    j = late_slow[0]
-    assert frame_similarity(frames[j - 1], frames[j], PAPER) >= PAPER.similarity_threshold  # ...not step to step
-    # Independent check of the rule: j is the first frame unlike frame 0 (the only slow frame before it).
-    sims = [frame_similarity(frames[0], frames[k], PAPER) for k in range(1, j + 1)]
-    assert all(s >= 0.95 for s in sims[:-1]) and sims[-1] < 0.95
-
-
-def test_threshold_changes_the_slow_frames_and_a_cut_is_always_slow():
-    frames = scene_frames(40, 168, 224, cut_at=20)[::2]
-    n_slow = {}
-    for th in (0.80, 0.90, 0.95, 0.99):
-        types = classify_frames(frames, replace(PAPER, similarity_threshold=th))
-        assert types[0] == 0 and types[10] == 0  # frame 10 of the sample is the first after the cut
-        n_slow[th] = types.count(0)
-    assert n_slow[0.80] == n_slow[0.90] == 2  # only the first frame and the cut
-    assert n_slow[0.90] < n_slow[0.95] < n_slow[0.99]
-
-
-def test_patches_black_in_both_frames_are_ignored():
-    frames = scene_frames(2, 168, 224, static=True)
-    frames[:, :84] = 0  # letterbox: the top half is black in both frames
-    frames[1, 112:140, 56:84] = 0  # one of the 24 content patches turns black (a red one would still "match")
-    assert frame_similarity(frames[0], frames[1], PAPER) == pytest.approx(23 / 24)
-    black = np.zeros((2, 168, 224, 3), np.uint8)
-    assert frame_similarity(black[0], black[1], PAPER) == 1.0 and classify_frames(black, PAPER) == (0, 1)
-
-
-def test_public_metric_is_lenient_on_noise_and_gray_mad_is_not():
-    rng = np.random.default_rng(0)
-    a, b = rng.integers(0, 256, (2, 168, 224, 3), dtype=np.uint8)
-    assert frame_similarity(a, b, PAPER) >= 0.95  # unrelated noise frames look "the same"
-    gray_mad = replace(PAPER, name="gray-mad", similarity="gray-mad")
-    assert frame_similarity(a, b, gray_mad) < 0.85
-    assert frame_similarity(a, a, gray_mad) == 1.0
-    frames = scene_frames(40, 168, 224, cut_at=20)[::2]
-    types = classify_frames(frames, gray_mad)
-    assert types[0] == 0 and types[10] == 0 and types.count(1) >= 15
+    tiles = EDGE_COLOURS[rng.integers(0, len(EDGE_COLOURS), (6, 6, 8))]  # 6 frames of 6x8 flat 28x28 patches
+    frames = np.repeat(np.repeat(tiles, 28, axis=1), 28, axis=2)
+    frames[3:, 40:100, 50:130] = EDGE_COLOURS[rng.integers(0, len(EDGE_COLOURS), (3, 60, 80))]  # per-pixel mix
+    frames[5] = frames[4]  # identical frames
+    for profile in (KEYE, PAPER):
+        assert_features_equal_the_reference(frames, profile)
 
 
 # ------------------------------------------------------------------------- budget and sizes
@@ -208,6 +222,16 @@ def test_plan_video_paper_profile(videos):
     assert 1 in plan.frame_types
     assert all(s % 28 == 0 for s in plan.slow_hw + plan.fast_hw)
     assert plan.visual_tokens == sum(plan.frame_tokens) <= PAPER.total_tokens
+
+
+def test_plan_video_opens_the_file_once(videos, monkeypatch):
+    from keyetron.data import video
+
+    opened = []
+    original = video.av.open
+    monkeypatch.setattr(video.av, "open", lambda *a, **k: opened.append(a[0]) or original(*a, **k))
+    plan, frames = plan_video(videos["cut"])
+    assert opened == [str(videos["cut"])] and len(frames) == plan.n_frames == 12
 
 
 def test_plan_of_a_clip_shorter_than_one_sampling_step(tmp_path):
