@@ -19,6 +19,7 @@ from torch import nn
 from keyetron.backend.attention import varlen_attention
 from keyetron.model.checkpointing import CheckpointableBlock
 from keyetron.model.config import TextConfig
+from keyetron.model.linear_cross_entropy import linear_token_logprobs
 from keyetron.model.rope import apply_rotary, sectioned_rope
 
 
@@ -111,9 +112,19 @@ class DecoderLayers(nn.ModuleDict):
 class OutputHead(nn.Linear):
     """The output layer: logits, and the log-probabilities objectives need from them.
 
-    ``token_logprobs`` never materialises more than the logits of the tokens it is given
-    and takes the softmax in fp32. Tensor parallelism replaces this module with a
+    ``token_logprobs`` fuses the projection with the log-softmax
+    (``keyetron.model.linear_cross_entropy``): no more than one chunk's logits exist at a
+    time, and the softmax runs in fp32. Tensor parallelism replaces this module with a
     vocabulary-parallel one of the same interface (``keyetron.parallel.tensor_parallel``)."""
+
+    def forward(self, hidden: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, H) -> (N, vocab) logits; with ``targets`` (N,), log p(targets) (N,) instead.
+
+        Both go through ``forward`` so that module hooks (FSDP2 gathers the weight in one) run."""
+        if targets is None:
+            return super().forward(hidden)
+        assert self.bias is None, "the fused log-probabilities take a head without bias"
+        return linear_token_logprobs(hidden, self.weight, targets)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(N, H) -> (N, vocab)."""
@@ -121,10 +132,7 @@ class OutputHead(nn.Linear):
 
     def token_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """log p(targets[i] | hidden[i]) for every row: (N, H), (N,) -> (N,) in at least fp32."""
-        logits = self(hidden)
-        if logits.dtype in (torch.float16, torch.bfloat16):
-            logits = logits.float()  # softmax over 152K classes needs fp32
-        return -F.cross_entropy(logits, targets, reduction="none")
+        return self(hidden, targets)
 
 
 class Qwen3LM(nn.Module):
