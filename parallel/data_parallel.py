@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from keyetron.backend.collectives import all_gather_tensor, reduce_scatter_tensor
+from keyetron.parallel.mixed_precision import MasterWeights, clear_grads, grad_of, set_grad, zero_grad_of
 from keyetron.parallel.topology import Topology
 
 VISION_MODULES = ("vit", "projector")
@@ -64,9 +65,9 @@ def reduce_gradients(model: nn.Module, topo: Topology, skip: Iterable[str] = ())
     for name, p in model.named_parameters():
         if not p.requires_grad or name in skip:
             continue
-        if p.grad is None:  # e.g. a ViT that saw no image on this rank: every rank must send the same buffers
-            p.grad = torch.zeros_like(p)
-        buckets.setdefault(replica_group_of(name), []).append(_local(p.grad))
+        if grad_of(p) is None:  # e.g. a ViT that saw no image on this rank: every rank must send the same buffers
+            set_grad(p, zero_grad_of(p))
+        buckets.setdefault(replica_group_of(name), []).append(_local(grad_of(p)))
     for key in sorted(buckets):
         _all_reduce_coalesced(buckets[key], topo.group(*key))
 
@@ -85,8 +86,8 @@ def global_grad_norm(model: nn.Module, topo: Topology, norm_type: float = 2.0) -
     """The 2-norm of the full-model gradient, every value counted once across all ranks.
 
     Call after ``reduce_gradients`` (or after ZeRO's reduce-scatter, with ``shards``)."""
-    grads = [_local(p.grad) for name, p in model.named_parameters()
-             if p.grad is not None and counted_once(name, p, topo)]
+    grads = [_local(grad_of(p)) for name, p in model.named_parameters()
+             if grad_of(p) is not None and counted_once(name, p, topo)]
     return _all_ranks_norm(grads, topo)
 
 
@@ -138,10 +139,12 @@ def range_norm_sq(params, numels, values: torch.Tensor, start: int, stop: int, t
 
 class PlainAdamW:
     """Unsharded AdamW behind the same interface as ``ShardedAdamW`` (one process, or every rank
-    holding the whole optimizer state)."""
+    holding the whole optimizer state). Low-precision parameters are stepped as fp32 masters."""
 
     def __init__(self, model: nn.Module, named_groups: list[dict], topo: Topology, betas, eps):
         self.model, self.topo = model, topo
+        self.masters = MasterWeights()
+        named_groups = [{**g, "params": self.masters.wrap(list(g["params"]))} for g in named_groups]
         params = [p for g in named_groups for p in g["params"]]
         # The fused kernel updates all tensors in one pass (on a CPU the per-tensor loop cost ~0.3 s a step
         # for the 63M-parameter demo model); DTensor parameters take the default implementation.
@@ -152,14 +155,21 @@ class PlainAdamW:
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.inner.zero_grad(set_to_none)
+        clear_grads(self.masters.of)
 
     def reduce_and_norm(self) -> torch.Tensor:
         reduce_gradients(self.model, self.topo)
         return global_grad_norm(self.model, self.topo)
 
     def step(self, clip_coef: float = 1.0) -> None:
+        self.masters.attach_grads()
         scale_gradients(self.param_groups, clip_coef)
         self.inner.step()
+        self.masters.publish()
+
+    def publish(self) -> None:
+        """Round the masters into the parameters (after loading a checkpoint into the masters)."""
+        self.masters.publish()
 
     def state_dict(self) -> dict:
         return self.inner.state_dict()
@@ -182,13 +192,14 @@ class ShardedAdamW:
         self.world = dist.get_world_size(self.group) if self.group is not None else 1
         self.rank = dist.get_rank(self.group) if self.group is not None else 0
         self.vision_group = topo.group("dp", "cp", "tp")
+        self.masters = MasterWeights()  # of the replicated (vision) parameters; LLM slices are masters already
         self.layouts = []  # per group: (params, numels, padded total, shard slice)
         shard_groups = []
         for g in named_groups:
             params = list(g["params"])
             vision = g["name"].split("/")[0] in VISION_MODULES
             if vision:
-                shard_groups.append({**g, "params": params})
+                shard_groups.append({**g, "params": self.masters.wrap(params)})
                 self.layouts.append(None)
                 continue
             dtype = torch.float32 if params[0].dtype != torch.float64 else torch.float64
@@ -221,10 +232,10 @@ class ShardedAdamW:
         return flat[self.rank * size:(self.rank + 1) * size].clone()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        for layout, g in zip(self.layouts, self.param_groups):
-            params = g["params"] if layout is None else layout[0]
-            for p in params:
-                p.grad = None
+        for layout in self.layouts:
+            if layout is not None:
+                clear_grads(layout[0])
+        clear_grads(self.masters.of)
         self.inner.zero_grad(set_to_none)
 
     def reduce_and_norm(self) -> torch.Tensor:
@@ -233,15 +244,15 @@ class ShardedAdamW:
         total = torch.zeros((), dtype=torch.float64, device=self.topo.device)
         for layout, g in zip(self.layouts, self.param_groups):
             if layout is None:
-                total += self.reduce_replicated(g["params"])
+                total += self.reduce_replicated(self._replicated_params(g))
                 continue
             params, numels, padded, size = layout
             master = g["params"][0]
             flat = torch.zeros(padded, dtype=master.dtype, device=master.device)
             offset = 0
             for p, n in zip(params, numels):
-                if p.grad is not None:
-                    flat[offset:offset + n] = _local(p.grad).reshape(-1).to(flat.dtype)
+                if grad_of(p) is not None:
+                    flat[offset:offset + n] = _local(grad_of(p)).reshape(-1).to(flat.dtype)
                 offset += n
             shard = torch.empty(size, dtype=flat.dtype, device=flat.device)
             if self.group is not None:
@@ -260,9 +271,9 @@ class ShardedAdamW:
         """All-reduce the gradients of an unsharded (vision) group over its replicas; returns
         their squared norm where this rank counts them (once over all ranks)."""
         for p in params:
-            if p.grad is None:  # every rank must send the same buffers
-                p.grad = torch.zeros_like(p)
-        grads = [p.grad for p in params]
+            if grad_of(p) is None:  # every rank must send the same buffers
+                set_grad(p, zero_grad_of(p))
+        grads = [grad_of(p) for p in params]
         if self.vision_group is not None:
             _all_reduce_coalesced(grads, self.vision_group)
         out = torch.zeros((), dtype=torch.float64, device=self.topo.device)
@@ -274,17 +285,30 @@ class ShardedAdamW:
         start = self.rank * size
         return range_norm_sq(params, numels, shard, start, start + size, self.topo.tp_rank)
 
+    def _replicated_params(self, group: dict) -> list:
+        """The model parameters behind a replicated group's (master) tensors."""
+        model_of = {id(m): p for p, m in self.masters.of.items()}
+        return [model_of.get(id(t), t) for t in group["params"]]
+
     def step(self, clip_coef: float = 1.0) -> None:
+        self.masters.attach_grads()
         scale_gradients(self.param_groups, clip_coef)
         self.inner.step()
+        self.publish()
+
+    def publish(self) -> None:
+        """Write the (stepped or loaded) masters into the parameters: all-gather the slices."""
+        self.masters.publish()
         for layout, g in zip(self.layouts, self.param_groups):
             if layout is None:
                 continue
             params, numels, padded, size = layout
             master = g["params"][0]
-            flat = torch.empty(padded, dtype=master.dtype, device=master.device)
+            master.grad = None  # the step is done with this rank's gradient slice
+            # gathered in the parameters' dtype (bf16 parameters: half the bytes of the fp32 masters)
+            flat = torch.empty(padded, dtype=params[0].dtype, device=master.device)
             if self.group is not None:
-                all_gather_tensor(flat, master.detach(), group=self.group)
+                all_gather_tensor(flat, master.detach().to(flat.dtype), group=self.group)
             else:
                 flat.copy_(master.detach())
             offset = 0

@@ -32,6 +32,7 @@ from keyetron.objectives.base import Objective
 from keyetron.optim import OptimSection, param_groups
 from keyetron.parallel.data_parallel import PlainAdamW, ShardedAdamW, clip_coefficient
 from keyetron.parallel.fsdp import FSDPAdamW
+from keyetron.parallel.mixed_precision import grad_of, install_main_grads
 from keyetron.parallel.parallelize import ParallelKeye
 from keyetron.parallel.tensor_parallel import reduce_tp_partial_grads
 from keyetron.parallel.zero2 import ZeRO2AdamW
@@ -72,6 +73,9 @@ class ParallelEngine:
         self.par, self.model, self.topo, self.objective = par, par.model, par.topo, objective
         self.optim_cfg, self.autocast_dtype = optim, autocast_dtype
         self.modules = trained_modules(self.model, objective)
+        # bf16 weights (``parallelize_keye(param_dtype=...)``): fp32 main gradients, installed
+        # before the optimizer's own gradient hooks (ZeRO-2) so that those see the fp32 sums.
+        self._main_grad_hooks = install_main_grads(self.modules)
         groups = groups if groups is not None else param_groups(self.modules.named_parameters(), optim)
         sharding = par.cfg.sharding if self.topo.distributed else "none"
         if sharding == "zero1":
@@ -87,6 +91,30 @@ class ParallelEngine:
             par.pipeline.loss_fn = self._pipeline_loss
         self._count = 1
         self._sums: list[torch.Tensor] = []
+
+    def held_bytes(self) -> dict[str, int]:
+        """Bytes this rank holds now for the trained parameters, their gradients and the optimizer
+        (masters, moments, gradient slices), each storage counted once: what ``keyetron plan`` predicts."""
+        seen: set[int] = set()
+
+        def size(t: torch.Tensor | None) -> int:
+            if t is None:
+                return 0
+            t = t.to_local() if hasattr(t, "to_local") else t
+            storage = t.untyped_storage()
+            if storage.data_ptr() in seen:
+                return 0
+            seen.add(storage.data_ptr())
+            return storage.nbytes()
+
+        params = list(self.modules.parameters())
+        inner = self.optimizer.inner
+        weights = sum(size(p) for p in params)
+        grads = sum(size(grad_of(p)) for p in params)
+        optimizer = sum(size(t) for g in inner.param_groups for t in g["params"])
+        optimizer += sum(size(t.grad) for g in inner.param_groups for t in g["params"])
+        optimizer += sum(size(v) for st in inner.state.values() for v in st.values() if torch.is_tensor(v))
+        return {"weights": weights, "grads": grads, "optimizer": optimizer}
 
     def global_count(self, rows: list[PackedBatch]) -> int:
         """The objective's units of this data-parallel rank's whole rows (its context, tensor and

@@ -23,13 +23,16 @@ The ViT and projector are not touched: replicated over dp x cp x tp as under ZeR
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from keyetron.model.keye import KeyeVLModel
 from keyetron.parallel.data_parallel import PlainAdamW, counted_once, reduce_gradients
+from keyetron.parallel.mixed_precision import grad_of
 from keyetron.parallel.topology import Topology
 
 FSDP_DIM = "dp_cp"  # name of the flattened ("dp", "cp") mesh dim
@@ -44,9 +47,13 @@ def fsdp_mesh(topo: Topology):
     return topo.mesh["dp", "cp"]._flatten(FSDP_DIM)
 
 
-def apply_fsdp(model: KeyeVLModel, topo: Topology) -> None:
+def apply_fsdp(model: KeyeVLModel, topo: Topology, param_dtype: torch.dtype | None = None) -> None:
     """Shard ``model.llm`` in place with FSDP2 over dp x cp (after tensor parallelism, before
-    building the optimizer). The ViT and projector stay replicated."""
+    building the optimizer). The ViT and projector stay replicated.
+
+    ``param_dtype`` (bf16): the shards stay in fp32 (they are the optimizer's master weights),
+    each unit is all-gathered in ``param_dtype`` for its forward and backward, and gradients
+    are reduce-scattered and summed over micro-batches in fp32 (``MixedPrecisionPolicy``)."""
     llm = model.llm
     if llm is None:
         raise ValueError("parallel.sharding: fsdp2 shards the LLM and this model has none (a ViT-only objective); "
@@ -55,14 +62,17 @@ def apply_fsdp(model: KeyeVLModel, topo: Topology) -> None:
         raise ValueError("FSDP2 is already applied to this model (ParallelEngine(sharding='fsdp2') applies it; "
                          "do not call apply_fsdp before it)")
     mesh = fsdp_mesh(topo)
+    shard = functools.partial(fully_shard, mesh=mesh,
+                              mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+                              if param_dtype is not None else MixedPrecisionPolicy())
     for layer in llm.layers:
-        fully_shard(layer, mesh=mesh)
+        shard(layer)
     if llm.lm_head.weight is llm.embed_tokens.weight:  # tied: one unit, from the embedding to the head
-        fully_shard([llm.embed_tokens, llm.norm, llm.lm_head], mesh=mesh)
+        shard([llm.embed_tokens, llm.norm, llm.lm_head])
     else:
-        fully_shard(llm.embed_tokens, mesh=mesh)
-        fully_shard([llm.norm, llm.lm_head], mesh=mesh)
-    fully_shard(llm, mesh=mesh)
+        shard(llm.embed_tokens)
+        shard([llm.norm, llm.lm_head])
+    shard(llm)
     for module in llm.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
@@ -88,11 +98,12 @@ def fsdp_grad_norm(model: nn.Module, topo: Topology) -> torch.Tensor:
     on TP rank 0); a vision gradient, after the all-reduce, on every rank (counted once)."""
     grads = []
     for name, p in model.named_parameters():
-        if p.grad is None:
+        grad = grad_of(p)
+        if grad is None:
             continue
         counted = (_tp_sharded(p) or topo.tp_rank == 0) if name.startswith("llm.") else counted_once(name, p, topo)
         if counted:
-            grads.append(p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad)
+            grads.append(grad.to_local() if hasattr(grad, "to_local") else grad)
     total = torch.zeros((), dtype=torch.float64, device=topo.device)
     if grads:
         total += torch.stack(torch._foreach_norm(grads, 2.0)).double().pow(2).sum()

@@ -36,6 +36,7 @@ from keyetron.parallel.config import ParallelConfig
 from keyetron.parallel.context_parallel import apply_context_parallel
 from keyetron.parallel.fsdp import apply_fsdp
 from keyetron.parallel.local_rows import LocalRow, RowSlicer
+from keyetron.parallel.mixed_precision import cast_model
 from keyetron.parallel.pipeline import Pipeline, fixed_local_tokens, hold_stages, split_layers, vit_layer_equivalents
 from keyetron.parallel.tensor_parallel import apply_tensor_parallel
 from keyetron.parallel.topology import Topology
@@ -55,12 +56,19 @@ class ParallelKeye:
 
 def parallelize_keye(model: KeyeVLModel, topo: Topology, cfg: ParallelConfig | None = None, *,
                      row_tokens: int | None = None, micro_batches: int = 1,
-                     activation_checkpointing: Iterable[str] = ()) -> ParallelKeye:
+                     activation_checkpointing: Iterable[str] = (),
+                     param_dtype: torch.dtype | None = None, fp8: bool = False,
+                     compile: bool = False) -> ParallelKeye:
     """Install ``cfg``'s layout for ``topo`` on ``model`` (in place; see the module docstring).
 
     Every rank must build the same model first (same seed or checkpoint). ``row_tokens`` (the
     packed row length) and ``micro_batches`` (rows per data-parallel rank and step) size the
-    pipeline's static activations and schedule; only pipelines need them."""
+    pipeline's static activations and schedule; only pipelines need them. ``param_dtype``
+    (bf16: ``train.precision: bf16``) stores the parameters in that dtype; under FSDP2 the
+    LLM's shards stay fp32 and are gathered in ``param_dtype`` (``keyetron.parallel.mixed_precision``).
+    ``fp8`` swaps the LLM decoder's linears for FP8 ones before tensor parallelism shards them;
+    ``compile`` compiles every transformer block after activation checkpointing, before FSDP2
+    (``keyetron.backend.fp8`` / ``keyetron.backend.compile``: torchtitan's order)."""
     cfg = cfg or ParallelConfig()
     dims = topo.dims
     sp = cfg.sequence_parallel and dims.tp > 1
@@ -87,7 +95,15 @@ def parallelize_keye(model: KeyeVLModel, topo: Topology, cfg: ParallelConfig | N
             raise ValueError(f"parallel.stage_layers {layers}: give {n_stages} lists of decoder layers that together "
                              f"hold 0..{text.num_layers - 1} once")
         hold_stages(model, layers, [topo.pp_rank + dims.pp * v for v in range(cfg.virtual_stages)])
-    dtype = next(model.parameters()).dtype
+    fsdp = cfg.sharding == "fsdp2" and topo.distributed
+    if param_dtype is not None:
+        cast_model(model, param_dtype, skip=("llm",) if fsdp else ())
+    dtype = param_dtype or next(model.parameters()).dtype
+    if fp8 and model.llm is not None:
+        from keyetron.backend.fp8 import convert_llm_to_fp8
+
+        # rows of any length: the weight gradient's inner dimension is the token count
+        convert_llm_to_fp8(model, pad_inner_dim=True)
 
     # 2. tensor (and sequence) parallelism
     if dims.tp > 1:
@@ -106,9 +122,14 @@ def parallelize_keye(model: KeyeVLModel, topo: Topology, cfg: ParallelConfig | N
     # 5. activation checkpointing
     set_activation_checkpointing(model, vit="vit" in checkpointed, llm="llm" in checkpointed)
 
+    if compile:
+        from keyetron.backend.compile import compile_blocks
+
+        compile_blocks(model)
+
     # 6. FSDP2
-    if cfg.sharding == "fsdp2" and topo.distributed:
-        apply_fsdp(model, topo)
+    if fsdp:
+        apply_fsdp(model, topo, param_dtype)
 
     # 7. pipeline stages and schedule
     pipeline = None

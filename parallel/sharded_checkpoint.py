@@ -54,6 +54,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from keyetron.parallel.data_parallel import ShardedAdamW
+from keyetron.parallel.mixed_precision import full_precision_state, is_low_precision, master_targets
 from keyetron.parallel.topology import Topology
 from keyetron.checkpoint import CheckpointNotFound
 
@@ -209,6 +210,17 @@ def _new_state(like: torch.Tensor, group: dict) -> dict:
             "exp_avg_sq": torch.zeros_like(like, memory_format=torch.preserve_format)}
 
 
+def _masters(optimizer):
+    return getattr(optimizer, "masters", None)
+
+
+def _names(model: nn.Module, optimizer) -> dict[int, str]:
+    """``{id(tensor): parameter name}`` for the model's parameters and their fp32 masters."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    masters = _masters(optimizer)
+    return {**names, **(masters.names(names) if masters is not None else {})}
+
+
 def optimizer_state(model: nn.Module, optimizer, *, saving: bool) -> tuple[dict, dict]:
     """This rank's optimizer state as DCP values: ``({param name: {key: tensor}}, {group: {lr}})``.
 
@@ -216,10 +228,11 @@ def optimizer_state(model: nn.Module, optimizer, *, saving: bool) -> tuple[dict,
     first (as AdamW would at the first step) and the returned tensors alias it, so DCP
     loads in place; ``step`` is then a fresh tensor, applied by ``_apply_steps``.
     """
-    names = {id(p): n for n, p in model.named_parameters()}
+    names = _names(model, optimizer)
     inner = _adamw(optimizer)
     layouts = optimizer.layouts if isinstance(optimizer, ShardedAdamW) else [None] * len(inner.param_groups)
     per_param, groups = {}, {}
+    master_ids = {id(m) for m in _masters(optimizer).of.values()} if _masters(optimizer) is not None else set()
     for gi, (g, layout) in enumerate(zip(inner.param_groups, layouts)):
         groups[g.get("name", str(gi))] = {k: float(g[k]) for k in ("lr", "initial_lr") if k in g}
         if layout is None:  # one state tensor per parameter, in its own shape (DTensor or not)
@@ -229,6 +242,8 @@ def optimizer_state(model: nn.Module, optimizer, *, saving: bool) -> tuple[dict,
                 if p in inner.state:
                     st = inner.state[p]
                     per_param[names[id(p)]] = {**{k: st[k] for k in STATE_KEYS}, "step": _step_value(st, saving)}
+                    if id(p) in master_ids:  # an fp32 master of a bf16 parameter
+                        per_param[names[id(p)]]["master"] = p
             continue
         master = g["params"][0]  # ZeRO: this rank's 1/N of the group's flat buffer
         if not saving and master not in inner.state:
@@ -251,7 +266,7 @@ def _step_value(state: dict, saving: bool) -> torch.Tensor:
 
 def _apply_steps(model: nn.Module, optimizer, loaded: dict) -> None:
     """Copy the loaded per-parameter ``step`` into the optimizer (one per ZeRO group)."""
-    names = {id(p): n for n, p in model.named_parameters()}
+    names = _names(model, optimizer)
     inner = _adamw(optimizer)
     layouts = optimizer.layouts if isinstance(optimizer, ShardedAdamW) else [None] * len(inner.param_groups)
     for g, layout in zip(inner.param_groups, layouts):
@@ -303,7 +318,8 @@ def save_distributed(path: str | Path, model: nn.Module, optimizer, topo: Topolo
     if topo.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     _barrier(topo)
-    state = {"extra": json.dumps(extra or {}), **_prefixed("model", model.state_dict())}
+    model_state = full_precision_state(model, _masters(optimizer))  # bf16 parameters: their fp32 masters
+    state = {"extra": json.dumps(extra or {}), **_prefixed("model", model_state)}
     if optimizer is not None:
         per_param, groups = optimizer_state(model, optimizer, saving=True)
         state.update({**_prefixed("optim", per_param), **_prefixed("optim_groups", groups)})
@@ -364,6 +380,8 @@ def load_distributed(path: str | Path, model: nn.Module, optimizer, topo: Topolo
         groups = {name: {k: v for k, v in lrs.items() if f"optim_groups.{name}.{k}" in saved}
                   for name, lrs in groups.items()}
         state.update({**_prefixed("optim", per_param), **_prefixed("optim_groups", groups)})
+    if optimizer is not None:
+        _load_weights_into_masters(state, saved, model, optimizer, per_param)
     with _quiet_if_single(topo):
         dcp.load(state, checkpoint_id=path, planner=_LoadPlanner(**_FLAT), no_dist=not topo.distributed)
     model.load_state_dict(model_state)
@@ -373,9 +391,49 @@ def load_distributed(path: str | Path, model: nn.Module, optimizer, topo: Topolo
             g.update({k: state[f"optim_groups.{g.get('name')}.{k}"] for k in ("lr", "initial_lr")
                       if f"optim_groups.{g.get('name')}.{k}" in state})
         if isinstance(optimizer, ShardedAdamW) and not any(k.startswith("optim.") and k.endswith(".master")
-                                                           for k in saved):
+                                                           for k in saved) and not _low_precision(model):
             _master_from_params(optimizer)
+        if _low_precision(model) and hasattr(optimizer, "publish"):
+            optimizer.publish()  # the bf16 parameters from the loaded fp32 masters
     return json.loads(state["extra"])
+
+
+def _low_precision(model: nn.Module) -> bool:
+    return any(p.requires_grad and is_low_precision(p) for p in model.parameters())
+
+
+def _load_weights_into_masters(state: dict, saved: dict, model: nn.Module, optimizer, per_param: dict) -> None:
+    """Point the load at full-precision values wherever they exist, whatever wrote the checkpoint.
+
+    - a bf16 parameter with a master here: its master gets ``optim.<name>.master`` when saved
+      (``per_param`` already holds it), else ``model.<name>`` (an fp32 run's exact weights);
+      the parameter is rounded from it afterwards (``publish``);
+    - an fp32 parameter with no master here, from a checkpoint whose ``model.<name>`` is bf16:
+      it gets the saved master instead.
+    """
+    for key, master in master_targets(model, _masters(optimizer)).items():
+        if "master" not in per_param.get(key, {}) and f"model.{key}" in saved:
+            state[f"model.{key}"] = master
+    if isinstance(optimizer, ShardedAdamW):
+        names = {id(p): n for n, p in model.named_parameters()}
+        for gi, layout in enumerate(optimizer.layouts):
+            if layout is None:
+                continue
+            buffer = optimizer.param_groups[gi]["params"][0]
+            for p, blocks in _zero_blocks(optimizer, layout):
+                name = names[id(p)]
+                if not is_low_precision(p) or f"optim.{name}.master" in saved:
+                    continue
+                if blocks:  # an fp32 run's weights straight into this rank's master slice
+                    state[f"model.{name}"] = _view_blocks(buffer, p, blocks)
+                else:
+                    state.pop(f"model.{name}", None)
+    for name, p in model.named_parameters():
+        md = saved.get(f"model.{name}")
+        if (not is_low_precision(p) and f"optim.{name}.master" in saved and f"optim.{name}.master" not in state
+                and getattr(getattr(md, "properties", None), "dtype", p.dtype) != p.dtype):
+            state.pop(f"model.{name}", None)
+            state[f"optim.{name}.master"] = p
 
 
 def load_into_single_process(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:

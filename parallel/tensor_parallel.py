@@ -4,8 +4,7 @@ Only the LLM is sharded; the ViT and projector stay data-parallel. Per decoder l
 q/k/v/gate/up are column-parallel (each rank owns whole attention heads and a slice of
 the MLP), o/down are row-parallel, so a layer costs one all-reduce (or, with sequence
 parallelism, one all-gather + one reduce-scatter) per sub-block. ``embed_tokens`` and
-``lm_head`` are split on the vocabulary dimension; ``vocab_parallel_loss`` computes the
-summed cross-entropy from the vocabulary shards without materialising full-vocab logits.
+``lm_head`` are split on the vocabulary dimension.
 
 Between modules the residual stream is a plain tensor in THD layout (no batch dim):
 
@@ -18,9 +17,9 @@ Between modules the residual stream is a plain tensor in THD layout (no batch di
   norm's output is gathered again, so the model's output holds every token on every rank.
 - sequence parallel off: the full ``(T, H)`` on every rank.
 
-The output head is vocabulary-parallel (``VocabParallelHead``): each rank computes the
-logits of its vocabulary slice, and ``token_logprobs`` reduces the softmax over the slices
-without materialising full-vocabulary logits.
+The output head is vocabulary-parallel (``VocabParallelHead``): ``token_logprobs`` fuses
+each rank's slice of the projection with the softmax reduced over the slices
+(``linear_token_logprobs``), so neither full-vocabulary nor whole-row logits exist.
 
 KV heads: with ``num_kv_heads % tp == 0`` they are split like the query heads. With
 ``tp % num_kv_heads == 0`` (e.g. Qwen3-8B's 8 KV heads at TP16) each rank needs one KV head
@@ -35,7 +34,6 @@ AdamW, ``clip_grad_norm_``); code that reads ``grad.to_local()`` must first call
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_module, distribute_tensor
@@ -48,7 +46,9 @@ from torch.distributed.tensor.parallel import (
 )
 
 from keyetron.model.config import TextConfig
+from keyetron.model.linear_cross_entropy import linear_token_logprobs
 from keyetron.model.llm import Qwen3LM
+from keyetron.parallel.mixed_precision import grad_of, set_grad
 
 
 def kv_heads_replicated(cfg: TextConfig, tp: int) -> bool:
@@ -266,10 +266,17 @@ class VocabParallelHead(nn.Module):
                                        requires_grad=head.weight.requires_grad)
         self.mesh = mesh
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        # Identity forward; backward sums the partial input gradients of the vocabulary slices.
+    def forward(self, hidden: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, H) -> this rank's logits (N, V/tp); with ``targets`` (N,), log p(targets) over
+        the whole vocabulary (N,) instead, without the logits (``linear_token_logprobs``).
+        Both go through ``forward`` so that module hooks (FSDP2 gathers the weight in one) run."""
+        # Identity forward; backward sums the partial input gradients of the vocabulary slices once.
         x = DTensor.from_local(hidden, self.mesh, [Replicate()], run_check=False).to_local(grad_placements=[Partial()])
-        return F.linear(x, self.weight.to_local())
+        w = self.weight.to_local()  # (V/tp, H)
+        if targets is None:
+            return F.linear(x, w)
+        return linear_token_logprobs(x, w, targets, group=self.mesh.get_group(),
+                                     vocab_start=self.mesh.get_local_rank() * w.shape[0])
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(N, H) -> (N, V/tp): this rank's vocabulary slice."""
@@ -277,9 +284,7 @@ class VocabParallelHead(nn.Module):
 
     def token_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """log p(targets) over the whole vocabulary, (N,) in at least fp32, the same on every TP rank."""
-        logits = self(hidden)
-        vocab_start = self.mesh.get_local_rank() * logits.shape[-1]
-        return _VocabParallelLogProb.apply(logits, targets, vocab_start, self.mesh.get_group())
+        return self(hidden, targets)
 
 
 @torch.no_grad()
@@ -291,43 +296,9 @@ def reduce_tp_partial_grads(module: nn.Module) -> None:
     AdamW would otherwise all-reduce the same gradient several times per step.
     """
     for p in module.parameters():
-        g = p.grad
+        g = grad_of(p)
         if isinstance(g, DTensor) and any(pl.is_partial() for pl in g.placements):
-            p.grad = g.redistribute(placements=p.placements)
-
-
-class _VocabParallelLogProb(torch.autograd.Function):
-    """log p(target) per row from logits split on the vocabulary over ``group`` (Megatron's recipe).
-
-    Two all-reduces of (N,) vectors (the max, then the sum of exponentials with the target
-    logit) replace gathering (N, V) logits. The result is the same on every TP rank, so each
-    rank's logit slice receives its gradient (one_hot - softmax) with no communication.
-    """
-
-    @staticmethod
-    def forward(ctx, logits, targets, vocab_start, group):
-        local = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-        n, v_local = local.shape
-        top = local.max(dim=-1).values
-        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
-        exp = (local - top[:, None]).exp()
-        t = targets - vocab_start
-        mine = (t >= 0) & (t < v_local)
-        t = t.clamp(0, v_local - 1)
-        sums = torch.stack([exp.sum(dim=-1), local.gather(1, t[:, None]).squeeze(1) * mine])
-        dist.all_reduce(sums, group=group)
-        sum_exp, target_logit = sums
-        ctx.save_for_backward(exp.div_(sum_exp[:, None]), t, mine)
-        ctx.in_dtype = logits.dtype
-        return target_logit - top - sum_exp.log()
-
-    @staticmethod
-    def backward(ctx, grad):
-        softmax, t, mine = ctx.saved_tensors
-        rows = torch.arange(softmax.shape[0], device=softmax.device)
-        out = softmax.mul_(-grad[:, None])
-        out[rows, t] += mine.to(out.dtype) * grad
-        return out.to(ctx.in_dtype), None, None, None
+            set_grad(p, g.redistribute(placements=p.placements))
 
 
 __all__ = ["KVHeadProjection", "ReplicatedParams", "VocabParallelEmbedding", "VocabParallelHead",

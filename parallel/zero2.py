@@ -38,8 +38,8 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from keyetron.backend.collectives import all_gather_tensor, reduce_scatter_tensor
-from keyetron.parallel.data_parallel import (ShardedAdamW, _all_reduce_coalesced, _local, range_norm_sq,
-                                             scale_gradients)
+from keyetron.parallel.data_parallel import ShardedAdamW, _all_reduce_coalesced, _local, range_norm_sq
+from keyetron.parallel.mixed_precision import grad_of, set_grad
 from keyetron.parallel.topology import Topology
 
 DEFAULT_BUCKET_NUMEL = 40_000_000  # elements per gradient bucket (Megatron's default size)
@@ -156,15 +156,15 @@ class ZeRO2AdamW(ShardedAdamW):
         b = layout.buckets[bi]
         params, numels = layout[0][b.first:b.stop], layout[1][b.first:b.stop]
         master = self.param_groups[gi]["params"][0]
-        partial = [_local(p.grad) for p in params if _is_partial(p.grad)]
+        partial = [_local(grad_of(p)) for p in params if _is_partial(grad_of(p))]
         if partial and self.tp_group is not None:
             _all_reduce_coalesced(partial, self.tp_group)  # in place: the local tensors are views
         flat = torch.zeros(b.size * self.world, dtype=master.dtype, device=master.device)
         offset = 0
         for p, n in zip(params, numels):
-            if p.grad is not None:
-                flat[offset:offset + n] = _local(p.grad).reshape(-1).to(flat.dtype)
-                p.grad = None
+            if grad_of(p) is not None:
+                flat[offset:offset + n] = _local(grad_of(p)).reshape(-1).to(flat.dtype)
+                set_grad(p, None)
             offset += n
         if self.group is not None:
             shard = torch.empty(b.size, dtype=flat.dtype, device=flat.device)
@@ -195,7 +195,7 @@ class ZeRO2AdamW(ShardedAdamW):
         total = torch.zeros((), dtype=torch.float64, device=self.topo.device)
         for gi, (layout, g) in enumerate(zip(self.layouts, self.param_groups)):
             if layout is None:
-                total += self.reduce_replicated(g["params"])
+                total += self.reduce_replicated(self._replicated_params(g))
                 continue
             master = g["params"][0]
             master.grad = self._grads[gi] if self._grads[gi] is not None else torch.zeros_like(master)
@@ -213,17 +213,19 @@ class ZeRO2AdamW(ShardedAdamW):
         return out
 
     # -- update ----------------------------------------------------------------------------------
-    def step(self, clip_coef: float = 1.0) -> None:
-        scale_gradients(self.param_groups, clip_coef)
-        self.inner.step()
+    def publish(self) -> None:
+        """Write the masters into the parameters, one bucket at a time."""
+        self.masters.publish()
         for layout, g in zip(self.layouts, self.param_groups):
             if layout is None:
                 continue
+            g["params"][0].grad = None  # the step is done with this rank's gradient slices
             master = g["params"][0].detach()
+            dtype = layout[0][0].dtype  # gathered in the parameters' dtype
             for b in layout.buckets:  # one bucket at a time: never the whole group in full
-                flat = torch.empty(b.size * self.world, dtype=master.dtype, device=master.device)
+                flat = torch.empty(b.size * self.world, dtype=dtype, device=master.device)
                 if self.group is not None:
-                    all_gather_tensor(flat, master[b.at:b.at + b.size], group=self.group)
+                    all_gather_tensor(flat, master[b.at:b.at + b.size].to(dtype), group=self.group)
                 else:
                     flat.copy_(master[b.at:b.at + b.size])
                 offset = 0

@@ -68,16 +68,19 @@ def list_checkpoints(root: str | Path) -> list[Path]:
 def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler, loader_state: dict, extra: dict | None = None, recipe_text: str = "",
                     keep: int = 2, tensor_files: dict[str, dict[str, torch.Tensor]] | None = None,
-                    model_text: str = "") -> Path:
+                    model_text: str = "", model_state: dict[str, torch.Tensor] | None = None) -> Path:
     """``tensor_files``: more safetensors files written beside the model (file name -> tensors), e.g.
     stage 0's text tower and pooling head, which are not Keye-VL parameters. ``model_text``: the
-    architecture as ``model.yaml`` (``keyetron.model.config.config_yaml``), overrides included."""
+    architecture as ``model.yaml`` (``keyetron.model.config.config_yaml``), overrides included.
+    ``model_state``: the tensors to write instead of ``model.state_dict()`` (bf16 runs write their
+    fp32 master weights)."""
     root = Path(root)
     final = step_dir(root, step)
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    tensors = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}  # tied weights: own copies
+    state = model_state if model_state is not None else model.state_dict()
+    tensors = {k: v.detach().cpu().clone() for k, v in state.items()}  # tied weights: own copies
     save_tensors(tensors, tmp / "model.safetensors", metadata={"step": str(step)})
     for name, more in (tensor_files or {}).items():
         save_tensors({k: v.detach().cpu().contiguous() for k, v in more.items()}, tmp / name,

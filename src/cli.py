@@ -260,8 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--calibration", default=None, help="a CostModel file (units flop or seconds) instead of FLOPs")
     pl.add_argument("--gpu-memory-gib", type=float, default=80.0)
     pl.add_argument("--reserve-gib", type=float, default=6.0, help="kept free per GPU (context, NCCL, fragmentation)")
-    pl.add_argument("--weight-bytes", type=int, default=4, help="bytes per LLM weight and gradient (4: fp32 as "
-                    "this engine keeps them; 2: bf16)")
+    pl.add_argument("--precision", choices=("bf16", "fp32", "autocast"), default="bf16",
+                    help="train.precision of the run (bf16: bf16 weights, fp32 main gradients and masters; "
+                    "fp32 and autocast: fp32 weights and gradients); default bf16")
     pl.add_argument("--activation-checkpointing", choices=("auto", "on", "off"), default="auto",
                     help="auto: only where the layout does not fit without it")
     pl.add_argument("--doc-tokens", type=int, default=None, help="document length (default: one document per row)")

@@ -22,3 +22,13 @@ def tiny_cfg():
     from keyetron.model import load_model_config
 
     return load_model_config("tiny")
+
+
+# torch.compile and torchao leave state behind that hangs forked ranks, so after them the
+# multi-process tests must spawn (tests/distributed.py), which costs ~3 s a launch: run the
+# tests that compile or load torchao last.
+_LAST = ("tests/backend/test_compile.py", "tests/backend/test_fp8.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: any(str(item.path).endswith(name) for name in _LAST))

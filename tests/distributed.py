@@ -73,11 +73,20 @@ def _rank_main(rank: int, world: int, port: int, fn: Callable, args: tuple, conn
         os._exit(code)
 
 
+def _compiled_here() -> bool:
+    import sys
+
+    dynamo = sys.modules.get("torch._dynamo.utils")
+    return "torchao" in sys.modules or bool(dynamo and any(dynamo.counters.values()))
+
+
 def run_ranks(world: int, fn: Callable, *args, timeout: float = DEFAULT_TIMEOUT_S) -> list:
     """Run ``fn(rank, world, *args)`` on ``world`` forked ranks; return their results by rank."""
     # Forking while other threads run (a thread pool or server thread left by an earlier test)
     # can copy a held lock into the child and hang it; start clean processes then.
-    ctx = mp.get_context("fork" if threading.active_count() == 1 else "spawn")
+    # The same after torch.compile ran or torchao was loaded in this process: a forked rank then
+    # hangs in its first all_gather_object (seen after tests/backend's compile and FP8 tests).
+    ctx = mp.get_context("fork" if threading.active_count() == 1 and not _compiled_here() else "spawn")
     port = free_port()
     procs, conns = [], []
     for rank in range(world):

@@ -126,6 +126,16 @@ def test_train_names_a_missing_data_file_before_building_anything(tmp_path, caps
     assert not (tmp_path / "out").exists()
 
 
+def test_fp8_where_it_cannot_run_is_one_line_naming_the_key_and_the_reason(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    tiny_recipe(tmp_path)
+    line = refuses(["train", "r.yaml", "--set", "train.fp8=true"], capsys, status=2)
+    assert line.startswith("keyetron: config error: train.fp8: FP8 matmuls need an NVIDIA GPU of compute capability "
+                           ">= 8.9") and line.endswith("or set train.fp8: false"), line
+    assert not (tmp_path / "out").exists()
+
+
 def test_under_torchrun_only_local_rank_0_prints_the_config_error(tmp_path, capsys, monkeypatch):
     """Every rank finds the error before a process group exists; one line per node, every rank exits 2."""
     import torch.distributed as dist

@@ -12,10 +12,11 @@ tokens per step (m >= pp: one micro-batch per stage at least). Default global ba
 by the stage: its L/pp decoder layers / tp, plus the embedding / tp and the ViT + projector on
 stage 0, the head / tp and the final norm on the last):
 
-    weights + grads       = 2 * wb * P_llm + 2 * 4 * P_vit      (wb = --weight-bytes, 4: this engine
-                                                                 keeps fp32 weights under bf16 autocast)
-    optimizer (ZeRO-1)    = 12 * P_llm / (dp*cp) + 8 * P_vit    (fp32 master + 2 moments, sharded over
-                                                                 dp x cp; the ViT is stepped in full)
+    weights               = wb * (P_llm + P_vit)      (--precision bf16: wb 2; fp32, autocast: 4)
+    grads                 = 4 * (P_llm + P_vit)       (fp32: bf16 runs sum them in fp32 main gradients)
+    optimizer (ZeRO-1)    = 12 * P_llm / (dp*cp) + (8 + mb) * P_vit
+                            (fp32 master + 2 moments of the LLM sharded over dp x cp; the ViT is stepped
+                             in full, with an fp32 master (mb 4) when its weights are bf16, else none)
     peak                  = weights + grads + optimizer + max(activations, 4 * P_llm)
                             (4 * P_llm: the flat fp32 gradient copy ZeRO-1 reduce-scatters, after backward)
 
@@ -68,7 +69,11 @@ class Hardware:
     gpus_per_node: int = 8
     memory_gib: float = 80.0
     reserve_gib: float = 6.0  # CUDA context, NCCL buffers, allocator fragmentation
-    weight_bytes: int = 4
+    precision: str = "bf16"  # train.precision: bf16 | fp32 | autocast (keyetron.parallel.mixed_precision)
+
+    @property
+    def weight_bytes(self) -> int:
+        return 2 if self.precision == "bf16" else 4
 
     def bandwidth(self, span: int) -> float:
         """Bytes/s of a collective whose ranks span ``span`` consecutive ranks."""
@@ -164,8 +169,9 @@ def memory(s: Shape, tp: int, pp: int, cp: int, dp: int, seq: int, m: int, w: Wo
         vis = s.vis_params if first else 0
         in_flight = min(pp, m) if first else 1
         act = in_flight * (layers * per_layer + (vit if first else 0)) + recompute + (logits if last else 0)
-        static = {"weights": hw.weight_bytes * llm + 4 * vis, "grads": hw.weight_bytes * llm + 4 * vis,
-                  "optimizer": 12 * llm / (dp * cp) + 8 * vis}
+        vis_master = 4 if hw.weight_bytes < 4 else 0
+        static = {"weights": hw.weight_bytes * (llm + vis), "grads": 4 * (llm + vis),
+                  "optimizer": 12 * llm / (dp * cp) + (8 + vis_master) * vis}
         stages[name] = static | {"activations": act, "reduce_buffer": 4 * llm,
                                  "total": sum(static.values()) + max(act, 4 * llm), "llm_params": llm,
                                  "vis_params": vis}
@@ -312,15 +318,16 @@ def no_fit_advice(rows: list[dict], args) -> str:
     usable = args.gpu_memory_gib - args.reserve_gib
     return (f"The closest is {best['layout']}: {best['memory_gib']['total']:.1f} GiB for {usable:g} GiB usable. "
             f"To fit: more GPUs (--gpus), shorter rows (--seq), activation checkpointing "
-            f"(--activation-checkpointing on), bf16 weights (--weight-bytes 2), or a device with more memory "
-            f"(--gpu-memory-gib).")
+            f"(--activation-checkpointing on), "
+            + ("" if args.precision == "bf16" else "bf16 weights (--precision bf16), ")
+            + "or a device with more memory (--gpu-memory-gib).")
 
 
 def run(args) -> int:
     """The ``keyetron plan`` command (arguments from ``keyetron.cli``)."""
     cfg = load_model_config(args.model)
     hw = Hardware(args.peak_tflops, args.efficiency, args.nvlink_gbs, args.network_gbs, args.gpus_per_node,
-                  args.gpu_memory_gib, args.reserve_gib, args.weight_bytes)
+                  args.gpu_memory_gib, args.reserve_gib, args.precision)
     calibration = CostModel.load(args.calibration) if args.calibration else None
     doc = args.doc_tokens or args.seq
     w = synthetic_workload(args.seq, doc, args.visual_fraction, args.frame_patches, cfg.projector.merge_size ** 2)
@@ -342,7 +349,7 @@ def run(args) -> int:
           f"step time: {cost}" + (f" at {hw.peak_tflops:g} TFLOP/s x {hw.efficiency:g}"
                                   if not calibration or calibration.units == "flop" else " (seconds)")
           + f"; NVLink {hw.nvlink_gbs:g} GB/s, network {hw.network_gbs:g} GB/s per GPU; communication not "
-          f"overlapped; 1F1B; weights {hw.weight_bytes} B/param. MFU uses {hw.peak_tflops:g} TFLOP/s.\n"
+          f"overlapped; 1F1B; precision {hw.precision} (weights {hw.weight_bytes} B/param). MFU uses {hw.peak_tflops:g} TFLOP/s.\n"
           f"m: rows per data-parallel rank and step; memory: the fuller pipeline stage, total = weights + grads + "
           f"optimizer + max(activations, ZeRO buffer)\n")
     print(format_plan(rows, args.top))

@@ -62,7 +62,11 @@ class TrainSection:
     steps: int = 100  # optimizer steps
     grad_accum: int = 1  # packed rows per optimizer step (one row per forward)
     seed: int = 0
-    precision: str = "auto"  # auto (bf16 autocast where the device supports it) | bf16 | fp32
+    # bf16: bf16 weights, fp32 main gradients and master weights (Megatron's mixed precision);
+    # fp32; autocast: fp32 weights under bf16 autocast; auto: bf16 where the device runs it fast, else fp32
+    precision: str = "auto"
+    fp8: bool = False  # FP8 matmuls in the LLM decoder's linear layers (torchao; Hopper / Ada GPUs)
+    compile: bool = False  # torch.compile each transformer block (ViT and LLM)
     freeze: list[str] = field(default_factory=list)  # parameter-name prefixes: vit, projector, llm.embed_tokens, ...
     # lm: next-token loss of the whole model (stages 1-3); siglip: stage 0, the ViT against a SigLIP
     # text tower with the sigmoid contrastive loss (the `contrastive` section; keyetron.train.tasks.ContrastiveTask)
@@ -71,8 +75,8 @@ class TrainSection:
     def __post_init__(self) -> None:
         if self.steps <= 0 or self.grad_accum <= 0:
             raise ValueError(f"steps and grad_accum must be positive, got {self.steps}, {self.grad_accum}")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"precision {self.precision!r} is not one of ['auto', 'bf16', 'fp32']")
+        if self.precision not in ("auto", "bf16", "fp32", "autocast"):
+            raise ValueError(f"precision {self.precision!r} is not one of ['auto', 'bf16', 'fp32', 'autocast']")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective {self.objective!r} is not one of {list(OBJECTIVES)}")
 

@@ -36,9 +36,10 @@ from keyetron.checkpoint import (CheckpointNotFound, is_distributed_checkpoint, 
 from keyetron.data.dataset import Skip, SkipLog
 from keyetron.flops import FlopCount, peak_flops
 from keyetron.model.config import config_differences, config_yaml
-from keyetron.model.keye import set_attention_kernel
+from keyetron.model.keye import build_model, set_attention_kernel
 from keyetron.optim import MODULES, param_groups
 from keyetron.parallel.engine import ParallelEngine, trained_modules
+from keyetron.parallel.mixed_precision import cast_model, full_precision_state, master_targets
 from keyetron.parallel.parallelize import parallelize_keye
 from keyetron.parallel.sharded_checkpoint import load_distributed, save_distributed
 from keyetron.parallel.topology import Topology
@@ -90,15 +91,19 @@ class Trainer:
         self.recipe = r = recipe
         self.out = Path(r.output_dir)
         self.device = device or default_device()
+        self._check_kernels()
         self.topo = topo or Topology.single(self.device)
         self.is_main = self.topo.rank == 0
         setup_logging(self.out, write_file=self.is_main)
         torch.manual_seed(r.train.seed)
-        if r.train.precision == "bf16" and not supports_bf16(self.device):
-            raise ValueError(f"train.precision bf16 was asked for but {self.device} does not support it; use auto or "
-                             "fp32")
-        want_bf16 = r.train.precision == "bf16" or (r.train.precision == "auto" and supports_bf16(self.device))
-        self.autocast_dtype = torch.bfloat16 if want_bf16 else None
+        # bf16: bf16 weights, fp32 main gradients and master weights (keyetron.parallel.mixed_precision);
+        # autocast: fp32 weights under bf16 autocast; auto: bf16 where the device runs it fast, else fp32.
+        self.precision = r.train.precision
+        if self.precision == "auto":
+            self.precision = "bf16" if supports_bf16(self.device) else "fp32"
+        self.param_dtype = torch.bfloat16 if self.precision == "bf16" else None
+        self.autocast_dtype = torch.bfloat16 if self.precision == "autocast" else None
+        self.compute_dtype = self.param_dtype or self.autocast_dtype or torch.float32
         # Where to start, checked before anything is built: the run's own checkpoint (an intact one),
         # else an earlier stage's (checkpoint.start_from), over model.init's weights.
         resume = resolve_checkpoint(r.checkpoint.resume, r.checkpoint_dir)
@@ -126,7 +131,10 @@ class Trainer:
                 p.numel() for m in self.task.carried.values() for p in m.parameters())
         self.par = parallelize_keye(self.model, self.topo, r.parallel, row_tokens=r.data.loader.row_tokens,
                                     micro_batches=r.train.grad_accum,
-                                    activation_checkpointing=r.model.activation_checkpointing)
+                                    activation_checkpointing=r.model.activation_checkpointing,
+                                    param_dtype=self.param_dtype, fp8=r.train.fp8, compile=r.train.compile)
+        if self.param_dtype is not None:
+            cast_model(self.objective, self.param_dtype)
         self.engine = ParallelEngine(self.par, self.objective, r.optim, autocast_dtype=self.autocast_dtype,
                                      groups=param_groups(trained_modules(self.model, self.objective).named_parameters(),
                                                          r.optim, part_of=part_of, lr_scale=self.task.lr_scale,
@@ -140,8 +148,7 @@ class Trainer:
         # -- data, FLOPs, and where to start -------------------------------------------------------
         self.task.build_data(self)
         self.loader, self.dataset, self.flops = self.task.loader, self.task.dataset, self.task.counter
-        matmul_dtype = self.autocast_dtype or torch.float32
-        self.peak = peak_flops(device_name(self.device), matmul_dtype,
+        self.peak = peak_flops(device_name(self.device), self.compute_dtype,
                                tf32=torch.backends.cuda.matmul.allow_tf32,
                                override=r.log.peak_tflops * 1e12 if r.log.peak_tflops else None)
         self.step = 0
@@ -210,6 +217,7 @@ class Trainer:
                     raise ValueError(f"{file} does not fit this objective (was it written with another "
                                      f"{self.recipe.train.objective} configuration?)")
                 self.objective.load_state_dict(own)
+            self._load_masters(path)
             self.step, self.history = state.step, state.extra.get("history", [])
             if restore_loader:
                 self._restore_loader({0: state.loader}, path)
@@ -220,6 +228,38 @@ class Trainer:
         self.scheduler.load_state_dict(extra["scheduler"])
         if restore_loader:
             self._restore_loader({int(dp): state for dp, state in extra["loaders"].items()}, path)
+
+    def _check_kernels(self) -> None:
+        """``train.fp8`` / ``train.compile`` where they cannot run: one line, before anything is built."""
+        r = self.recipe
+        if r.train.fp8:
+            from keyetron.backend.fp8 import fp8_problem
+
+            problem = fp8_problem(self.device, build_model(model_config_of(r.model), device="meta"))
+            if problem:
+                raise ConfigError(f"train.fp8: {problem}; or set train.fp8: false")
+        if r.train.compile:
+            from keyetron.backend.compile import compile_problem
+
+            problem = compile_problem(self.device)
+            if problem:
+                raise ConfigError(f"train.compile: {problem}; or set train.compile: false")
+
+    @torch.no_grad()
+    def _load_masters(self, path: Path) -> None:
+        """bf16 parameters: their fp32 masters from the checkpoint's full-precision tensors, then the
+        parameters rounded from them (the files hold fp32 masters, or an fp32 run's weights)."""
+        masters = self.engine.optimizer.masters
+        if not masters.of:
+            return
+        files = [("model.safetensors", self._model_parts())]
+        if self._objective_file:
+            files.append((self._objective_file, self.objective))
+        for name, module in files:
+            tensors = load_file(str(path / name))
+            for key, master in master_targets(module, masters).items():
+                master.copy_(tensors[key])
+        self.engine.optimizer.publish()
 
     def _start_from(self, path: Path, reset: set[str]) -> None:
         """Continue an earlier stage's checkpoint (``checkpoint.start_from``) under this recipe's
@@ -256,12 +296,14 @@ class Trainer:
         if self.topo.distributed:
             return self._save_distributed()
         extra_files = {}
+        masters = self.engine.optimizer.masters  # bf16 parameters are written as their fp32 masters
         if self._objective_file:
-            extra_files[self._objective_file] = self.objective.state_dict()
+            extra_files[self._objective_file] = full_precision_state(self.objective, masters)
         path = save_checkpoint(self.recipe.checkpoint_dir, self.step, self._model_parts(), self.optimizer,
                                self.scheduler, self.loader.state_dict(), {"history": self.history},
                                recipe_yaml(self.recipe), self.recipe.checkpoint.keep, extra_files,
-                               model_text=config_yaml(self.cfg))
+                               model_text=config_yaml(self.cfg),
+                               model_state=full_precision_state(self._model_parts(), masters))
         log.info("saved checkpoint %s", path)
         return path
 
@@ -321,7 +363,7 @@ class Trainer:
         if self.is_main:
             (self.out / "recipe.yaml").write_text(recipe_yaml(r))
         log.info("run %s on %s (%s), layout %s, precision %s; parameters %s; trainable %s", r.name, self.device,
-                 device_name(self.device), self.topo.dims, "bf16" if self.autocast_dtype else "fp32",
+                 device_name(self.device), self.topo.dims, self.precision,
                  {k: f"{v / 1e6:.1f}M" for k, v in self.param_counts.items()}, self.trainable)
         progress = Progress(r.train.steps, self.step)
         window: list[StepResult] = []

@@ -53,8 +53,8 @@ def test_memory_of_tp2_pp2_cp2_dp2_equals_the_hand_computation(keye):
     embed = 151936 * 4096
     vis = 412_987_248 + 40_125_952  # SigLIP ViT + projector (keyetron model-info)
     llm = 18 * layer // 2 + embed // 2  # stage 0 of 2: 18 layers and the embedding, split over tp=2
-    weights = grads = 4 * llm + 4 * vis
-    optimizer = 12 * llm / 4 + 8 * vis  # ZeRO-1 over dp*cp = 4; the ViT steps in full
+    weights = grads = 4 * llm + 4 * vis  # fp32 (and autocast): fp32 weights and gradients
+    optimizer = 12 * llm / 4 + 8 * vis  # ZeRO-1 over dp*cp = 4; the ViT steps in full, no master
     t = 8192 / 2  # cp = 2
     per_layer = (12 * 4096 + 6 * 4096 + 6 * 1024 + 6 * 12288) * t / 2 + 4 * (1024 / 2) * (8192 - t)
     patches = 4096 * 4 / 4  # half the row is visual, 4 patches a token, shared by tp*cp = 4 ranks
@@ -63,7 +63,14 @@ def test_memory_of_tp2_pp2_cp2_dp2_equals_the_hand_computation(keye):
     total = weights + grads + optimizer + max(activations, 4 * llm)
 
     w = synthetic_workload(8192, 8192, 0.5, 1024, 4)
-    r = predict(keye, CostModel.from_flops(keye), CostModel.from_flops(keye), 2, 2, 2, 2, 8192, 16, w, Hardware())
+    r = predict(keye, CostModel.from_flops(keye), CostModel.from_flops(keye), 2, 2, 2, 2, 8192, 16, w,
+                Hardware(precision="fp32"))
+    bf16 = predict(keye, CostModel.from_flops(keye), CostModel.from_flops(keye), 2, 2, 2, 2, 8192, 16, w,
+                   Hardware(precision="bf16"))["memory_gib"]
+    # bf16: bf16 weights, fp32 main gradients, fp32 masters (the ViT's too, stepped in full)
+    assert bf16["weights"] * GIB == pytest.approx(2 * llm + 2 * vis, rel=1e-12)
+    assert bf16["grads"] * GIB == pytest.approx(grads, rel=1e-12)
+    assert bf16["optimizer"] * GIB == pytest.approx(12 * llm / 4 + 12 * vis, rel=1e-12)
     got = r["memory_gib"]
     assert r["ac"] is False and r["micro_batches"] == 8
     assert got["weights"] * GIB == pytest.approx(weights, rel=1e-12)
@@ -123,7 +130,7 @@ def test_cli_plan_prints_the_ranking_and_fails_when_nothing_fits(capsys):
     assert "0 of 19 layouts fit" in out
     # ... and says what to change: the closest layout, how far it is, and the knobs that close the gap
     advice = out[out.index("The closest is"):]
-    assert "tp8pp1cp1dp1: 56.1 GiB for 10 GiB usable" in advice and "--gpus" in advice and "--seq" in advice
+    assert "tp8pp1cp1dp1: 55.0 GiB for 10 GiB usable" in advice and "--precision" not in advice and "--gpus" in advice and "--seq" in advice
     assert main(["plan", "--model", "keye-8b", "--gpus", "8", "--seq", "131072", "--gpu-memory-gib", "141"]) == 0
     assert "The closest is" not in capsys.readouterr().out
 
@@ -132,8 +139,9 @@ def test_plan_with_too_few_rows_for_any_pipeline_says_to_raise_the_global_batch(
     from keyetron.perf.plan import no_fit_advice
 
     class Args:
-        gpu_memory_gib, reserve_gib = 80, 4
+        gpu_memory_gib, reserve_gib, precision = 80, 4, "fp32"
     assert "raise --global-batch" in no_fit_advice([{"layout": "tp8 pp2", "flag": "no micro-batch"}], Args)
     advice = no_fit_advice([{"layout": "a", "memory_gib": {"total": 90.0}},
                             {"layout": "b", "memory_gib": {"total": 85.5}}], Args)
     assert advice.startswith("The closest is b: 85.5 GiB for 76 GiB usable.")
+    assert "bf16 weights (--precision bf16)" in advice  # an fp32 plan is told bf16 would help

@@ -232,3 +232,29 @@ def test_cli_train_runs_a_recipe_end_to_end(demo, tmp_path, capsys):
     assert (out / "checkpoints" / "step-000003" / "model.safetensors").is_file()
     assert json.loads((out / "summary.json").read_text())["steps"] == 3
     assert main(["train", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_a_bf16_checkpoint_resumes_exactly_in_fp32_and_an_fp32_one_in_bf16(demo, tmp_path):
+    """bf16 runs write their fp32 masters: resumed in fp32, the weights are the masters bit for bit;
+    an fp32 run's weights resumed in bf16 become the masters without rounding."""
+    recipe = write_recipe(tmp_path / "r.yaml", demo, tmp_path / "o", train={"steps": 2}, eval={"max_samples": 1})
+    bf16 = Trainer(load_recipe(recipe, ["train.precision=bf16"]))
+    bf16.fit()
+    assert all(p.dtype == torch.bfloat16 for p in bf16.model.parameters())
+    masters = {n: bf16.engine.optimizer.masters.of[p].clone() for n, p in bf16.model.named_parameters()
+               if p in bf16.engine.optimizer.masters.of}
+    assert masters and all(m.dtype == torch.float32 for m in masters.values())
+    fp32 = Trainer(load_recipe(recipe, ["train.precision=fp32", "train.steps=3"]))
+    assert fp32.step == 2
+    for name, p in fp32.model.named_parameters():
+        if name in masters:
+            assert p.dtype == torch.float32 and torch.equal(p.detach(), masters[name]), name
+    fp32.fit()  # one more step in fp32, then back to bf16
+    weights = {n: p.detach().clone() for n, p in fp32.model.named_parameters()}
+    again = Trainer(load_recipe(recipe, ["train.precision=bf16", "train.steps=4"]))
+    assert again.step == 3
+    of = again.engine.optimizer.masters.of
+    for name, p in again.model.named_parameters():
+        if p in of:
+            assert torch.equal(of[p], weights[name]), name
+            assert torch.equal(p.detach(), weights[name].to(torch.bfloat16)), name
