@@ -36,46 +36,18 @@ import resource
 import subprocess
 import sys
 import time
-import weakref
 
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from keyetron.model.linear_cross_entropy import CHUNK_LOGITS, linear_token_logprobs
+from keyetron.perf.live_memory import LiveTensors
 
 VOCAB = 151_936
 
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
-
-
-class LiveTensors(TorchDispatchMode):
-    """Bytes of the storages created by aten ops under this mode and not yet freed, and their peak.
-    The storages of ``existing`` tensors (the inputs) are not counted, nor their views."""
-
-    def __init__(self, *existing: torch.Tensor):
-        super().__init__()
-        self.live = self.peak = 0
-        self.storages: set[int] = {t.untyped_storage().data_ptr() for t in existing}
-
-    def _freed(self, key: int, nbytes: int) -> None:
-        self.live -= nbytes
-        self.storages.discard(key)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()  # one Python object per storage, freed with it
-                key, nbytes = storage.data_ptr(), storage.nbytes()
-                if nbytes and key not in self.storages:
-                    self.storages.add(key)
-                    self.live += nbytes
-                    self.peak = max(self.peak, self.live)
-                    weakref.finalize(storage, self._freed, key, nbytes)
-        return out
 
 
 def measure(variant: str, tokens: int, hidden_size: int, vocab: int, threads: int) -> dict:

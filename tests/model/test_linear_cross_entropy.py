@@ -5,7 +5,6 @@ with a random upstream gradient per row (so a per-row scaling error cannot hide 
 """
 from __future__ import annotations
 
-import weakref
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from keyetron.model import linear_cross_entropy
 from keyetron.model.linear_cross_entropy import CHUNK_LOGITS, linear_token_logprobs
 from keyetron.model.llm import OutputHead
+from keyetron.perf.live_memory import LiveTensors
 
 TOL = 1e-10
 
@@ -124,39 +124,13 @@ def test_the_fused_path_never_makes_a_tensor_as_large_as_the_logits():
     assert seen.numel >= n * v, seen.shape
 
 
-class LiveBytes(TorchDispatchMode):
-    """Peak bytes of the storages that aten ops create under this mode (the inputs' are not counted)."""
-
-    def __init__(self, *existing: torch.Tensor):
-        super().__init__()
-        self.live = self.peak = 0
-        self.storages = {t.untyped_storage().data_ptr() for t in existing}
-
-    def _freed(self, key, nbytes):
-        self.live -= nbytes
-        self.storages.discard(key)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
-                key, nbytes = storage.data_ptr(), storage.nbytes()
-                if nbytes and key not in self.storages:
-                    self.storages.add(key)
-                    self.live += nbytes
-                    self.peak = max(self.peak, self.live)
-                    weakref.finalize(storage, self._freed, key, nbytes)
-        return out
-
-
 def test_the_fused_path_holds_one_chunk_of_logits_at_a_time():
     # fp64: a chunk's logits are 8 x 2048 x 8 B = 128 KiB, all the row's 300 x 2048 x 8 B = 4.7 MiB.
     n, v, h, chunk = 300, 2048, 4, 8
     hidden, weight, targets, upstream = _inputs(n, v, h)
     hidden.requires_grad_()
     weight.requires_grad_()
-    with LiveBytes(hidden, weight, targets, upstream) as live:
+    with LiveTensors(hidden, weight, targets, upstream) as live:
         (linear_token_logprobs(hidden, weight, targets, chunk_tokens=chunk) * upstream).sum().backward()
     grads, one_chunk, rows = (n + v) * h * 8, chunk * v * 8, n * 8
     # the gradients, one chunk's logits and a handful of (N,) vectors (statistics, targets, masks)
