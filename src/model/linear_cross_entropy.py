@@ -6,7 +6,8 @@ fuses the output projection with the log-softmax: the forward walks the tokens i
 keeps only each row's log-sum-exp and target logit (N,), and the backward recomputes each
 chunk's logits to form its gradient. Beyond the gradients themselves, the peak is a few
 tensors of one chunk's logits (``CHUNK_LOGITS`` elements), at the cost of one more
-``hidden @ weight.T`` in the backward.
+``hidden @ weight.T`` in the backward. Rows that fit in one chunk (a short row, or the answer
+tokens of a packed SFT row) keep that chunk's softmax from the forward instead: no recompute.
 
 With ``group`` the weight is this rank's slice of a vocabulary split over ``group``
 (Megatron's vocabulary-parallel cross-entropy): each rank reduces its slice to a local
@@ -44,12 +45,18 @@ class _LinearTokenLogProb(torch.autograd.Function):
         local = local.clamp(0, v_local - 1)
         lse = torch.empty(n, dtype=stat, device=hidden.device)
         target_logit = torch.empty(n, dtype=stat, device=hidden.device)
+        # Rows that fit in one chunk keep that chunk's exponentials for the backward, which then
+        # skips recomputing the logits (a quarter of the head's FLOPs); the peak is unchanged.
+        keep = n <= chunk_tokens and any(ctx.needs_input_grad[:2])
+        kept = None
         for start in range(0, n, chunk_tokens):
             rows = slice(start, start + chunk_tokens)
             z = (hidden[rows] @ weight.T).to(stat)  # (c, V_local)
             target_logit[rows] = z.gather(1, local[rows, None]).squeeze(1)
             top = z.max(dim=1).values
             lse[rows] = top + z.sub_(top[:, None]).exp_().sum(dim=1).log()
+            if keep:
+                kept = (z, top)  # exp(z - top)
             del z  # before the next chunk's logits exist
         target_logit.masked_fill_(~mine, 0)
         if group is not None:
@@ -58,6 +65,8 @@ class _LinearTokenLogProb(torch.autograd.Function):
             sums = torch.stack([(lse - top).exp(), target_logit])
             dist.all_reduce(sums, group=group)
             lse, target_logit = top + sums[0].log(), sums[1]
+        # softmax over the whole vocabulary = exp(z - top) * exp(top - lse)
+        ctx.probs = kept[0].mul_((kept[1] - lse).exp()[:, None]) if kept is not None else None
         ctx.save_for_backward(hidden, weight, local, mine, lse)
         ctx.chunk_tokens = chunk_tokens
         # The backward's matmuls run under the forward's autocast state (what torch.amp.custom_bwd does).
@@ -77,27 +86,35 @@ class _LinearTokenLogProb(torch.autograd.Function):
         need_hidden, need_weight = ctx.needs_input_grad[:2]
         grad_hidden = torch.zeros_like(hidden) if need_hidden else None
         # fp32 (fp64 for fp64 weights) across chunks: a bf16 sum would drop small contributions.
-        grad_weight = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) if need_weight else None
+        grad_weight = None
         grad = grad.to(lse.dtype)
+        probs, ctx.probs = ctx.probs, None  # the forward's softmax of a single chunk, used once
         for start in range(0, hidden.shape[0], ctx.chunk_tokens):
             rows = slice(start, start + ctx.chunk_tokens)
             h = hidden[rows]
             g = grad[rows]
-            # The chunk's logits z, turned in place into d(z_t - lse)/dz = onehot(t) - softmax(z)
+            # The chunk's softmax, turned in place into d(z_t - lse)/dz = onehot(t) - softmax(z)
             # times the upstream gradient of each row.
-            dz = (h @ weight.T).to(lse.dtype)
-            dz.sub_(lse[rows, None]).exp_().mul_(-g[:, None])
+            if probs is not None:
+                dz, probs = probs, None
+            else:
+                dz = (h @ weight.T).to(lse.dtype).sub_(lse[rows, None]).exp_()
+            dz.mul_(-g[:, None])
             dz.scatter_add_(1, local[rows, None], (g * mine[rows])[:, None])
             dz = dz.to(autocast_dtype or hidden.dtype)
             if need_hidden:
                 grad_hidden[rows] = dz @ weight
             if need_weight:
-                if grad_weight.dtype == dz.dtype == h.dtype:
+                if grad_weight is None:
+                    grad_weight = (dz.T @ h).to(lse.dtype)
+                elif grad_weight.dtype == dz.dtype == h.dtype:
                     grad_weight.addmm_(dz.T, h)  # in place: no (V, H) temporary
                 else:  # a low-precision product, summed in fp32
                     grad_weight += dz.T @ h
             del dz  # before the next chunk's logits exist
         if need_weight:
+            if grad_weight is None:  # no rows
+                grad_weight = torch.zeros_like(weight)
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None, None
 

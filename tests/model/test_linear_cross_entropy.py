@@ -217,3 +217,39 @@ def test_autocast_runs_the_backward_matmuls_in_the_autocast_dtype():
     ref = _run(under_autocast(plain), hidden, weight, targets, upstream)
     for a, b in zip(got, ref):
         assert _max_diff(a, b) <= 2**-6 * b.abs().max().item()
+
+
+class Matmuls(TorchDispatchMode):
+    """Counts the (V, H)-sized matmuls: forward logits, backward recompute, grad hidden, grad weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.addmm_.default):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("chunk_tokens, matmuls", [(37, 3), (100, 3), (10, 4 + 3 * 4)])
+def test_rows_in_one_chunk_reuse_the_forward_softmax_instead_of_recomputing_the_logits(chunk_tokens, matmuls):
+    # 37 rows in one chunk: logits once (forward), then grad hidden and grad weight = 3 matmuls.
+    # Chunks of 10 (4 chunks): 4 forward logits, then per chunk a recompute and the two gradients.
+    inputs = _inputs(37, 50, 12, scale=3.0)
+    with Matmuls() as seen:
+        got = _run(fused(chunk_tokens), *inputs)
+    assert seen.count == matmuls
+    ref = _run(plain, *inputs)
+    for a, b in zip(got, ref):
+        assert _max_diff(a, b) < TOL
+
+
+def test_a_second_backward_through_a_kept_softmax_recomputes_and_gives_the_same_gradients():
+    hidden, weight, targets, upstream = _inputs(37, 50, 12, scale=3.0)
+    hidden.requires_grad_()
+    loss = (linear_token_logprobs(hidden, weight, targets) * upstream).sum()
+    first, = torch.autograd.grad(loss, hidden, retain_graph=True)
+    second, = torch.autograd.grad(loss, hidden)
+    assert _max_diff(first, second) < TOL
+    assert _max_diff(first, _run(plain, hidden.detach(), weight, targets, upstream)[1]) < TOL
