@@ -45,6 +45,7 @@ setup(
         "av>=18,<19",  # PyAV bundles FFmpeg: video probing, seeking and decoding
         "scikit-image",  # the demo dataset's real photographs ship inside it
         "tensorboard",  # training logs (torch.utils.tensorboard writes through it)
+        "math-verify>=0.7",  # rewards: mathematical equivalence of answers (keyetron.rewards.rules)
     ],
     extras_require={
         # The default tokenizer files (the real Qwen3 vocabulary) ship in this package;

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from pathlib import Path
 import sys
 
 from keyetron.train.run import user_error
@@ -139,6 +140,24 @@ def _train(args: argparse.Namespace) -> int:
     return run(recipe, train_argv(args.recipe, args.tp, args.pp, args.cp, None, args.set))
 
 
+def _bench_generate(args: argparse.Namespace) -> int:
+    from keyetron.perf.generate import run_bench
+
+    report = run_bench(args.config, args.prompts, args.new_tokens, args.prompt_tokens, args.batch_size,
+                       reference=not args.no_reference, memory=not args.no_memory)
+    text = json.dumps(report, indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from keyetron.rollout.cli import run
+
+    return run(args)
+
+
 def _merge(args: argparse.Namespace) -> int:
     from keyetron.model.hf_checkpoint import CheckpointError
     from keyetron.train.merge import MergeError, load_merge_recipe, merge, recipe_from_cli
@@ -234,6 +253,19 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--seed", type=int, default=0)
     cal.add_argument("--json", action="store_true")
     cal.set_defaults(func=_bench_calibrate)
+    gb = bench.add_parser("generate", help="rollout engine (KV cache) vs the cache-less greedy loop: tokens/s, "
+                          "peak tensor memory, same tokens")
+    gb.add_argument("--config", default="small")
+    gb.add_argument("--prompts", type=int, default=64)
+    gb.add_argument("--new-tokens", type=int, default=256)
+    gb.add_argument("--prompt-tokens", type=int, default=48, help="text tokens per prompt (every other one adds "
+                    "a 16-token image)")
+    gb.add_argument("--batch-size", type=int, default=64)
+    gb.add_argument("--no-reference", action="store_true", help="skip the cache-less loop")
+    gb.add_argument("--no-memory", action="store_true", help="skip the second, instrumented run per path")
+    gb.add_argument("--out", default=None, help="also write the JSON report here")
+    gb.set_defaults(func=_bench_generate)
+
     lay = bench.add_parser("layouts", help="real training steps per parallel layout: tokens/s, MFU, memory, "
                            "pipeline bubble, data wait (one torchrun launch per layout)")
     lay.add_argument("--recipe", required=True, help="a recipe YAML; its data is read and decoded for real")
@@ -298,6 +330,13 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--config", default=None, help="model config for --hf when no input names one")
     mg.add_argument("--recipe", default=None, help="a merge recipe YAML instead (see recipes/merge.yaml)")
     mg.set_defaults(func=_merge)
+
+    from keyetron.rollout.cli import add_arguments as add_generate_arguments
+
+    ge = sub.add_parser("generate", help="sampled responses to a JSONL of prompts, with per-token log-probs "
+                        "(KV cache; see docs/post_training.md)")
+    add_generate_arguments(ge)
+    ge.set_defaults(func=_generate)
 
     from keyetron.launch.submit import add_arguments as add_launch_arguments
 

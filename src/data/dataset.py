@@ -177,8 +177,16 @@ class DocumentBuilder:
 
     def build(self, sample: Sample, prompt_only: bool = False) -> Document:
         """The training document; with ``prompt_only`` the evaluation prompt (no targets)."""
-        if prompt_only:
+        return self._render(prompt_of(sample) if prompt_only else sample, prompt_only)
+
+    def build_prompt(self, sample: Sample) -> Document:
+        """The generation prompt of ``sample``: its conversation without a final assistant turn
+        (a reference answer, when there is one), then the assistant header."""
+        if sample.turns[-1].role == "assistant":
             sample = prompt_of(sample)
+        return self._render(sample, True)
+
+    def _render(self, sample: Sample, prompt_only: bool) -> Document:
         entries, pixels, grids = self._visual(sample)
         ids, mask = render_sample(sample, self.tok, entries, generation_prompt=prompt_only)
         input_ids = torch.tensor(ids, dtype=torch.long)
@@ -228,10 +236,12 @@ def sample_id_of(raw, fallback: str) -> str:
 class SampleDataset:
     """A source of raw records plus the builder: ``document(i)`` or a counted skip."""
 
-    def __init__(self, source: SampleSource, builder: DocumentBuilder, skips: SkipLog | None = None):
+    def __init__(self, source: SampleSource, builder: DocumentBuilder, skips: SkipLog | None = None,
+                 prompts: bool = False):
         self.source = source
         self.builder = builder
         self.skips = skips if skips is not None else SkipLog()
+        self.prompts = prompts  # records are generation prompts: a conversation may end with the user
 
     def __len__(self) -> int:
         return len(self.source)
@@ -243,7 +253,7 @@ class SampleDataset:
                 self.skips.add("bad_record", sid, rec.location, rec.error)
                 return None
             try:
-                sample = parse_sample(rec.raw, rec.root, line=None)
+                sample = parse_sample(rec.raw, rec.root, line=None, prompt=self.prompts)
             except SampleError as err:
                 self.skips.add("bad_sample", sid, rec.location, err.reason)
                 return None
@@ -263,6 +273,10 @@ class SampleDataset:
 
     def document(self, index: int, prompt_only: bool = False) -> Document | None:
         return self._with_record(index, lambda s: self.builder.build(s, prompt_only))
+
+    def prompt(self, index: int) -> Document | None:
+        """The generation prompt of record ``index`` (``DocumentBuilder.build_prompt``)."""
+        return self._with_record(index, self.builder.build_prompt)
 
     def cost(self, index: int) -> SampleCost | None:
         return self._with_record(index, self.builder.estimate_cost)

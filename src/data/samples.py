@@ -116,8 +116,9 @@ def _part(sample_id: str, where: str, raw: Any, root: Path) -> Part:
     return Part(kind, (float(value[0]), float(value[1])))
 
 
-def parse_sample(raw: Any, root: str | Path = ".", line: int | None = None) -> Sample:
-    """Validate one manifest object; paths are resolved against ``root`` (the manifest's folder)."""
+def parse_sample(raw: Any, root: str | Path = ".", line: int | None = None, prompt: bool = False) -> Sample:
+    """Validate one manifest object; paths are resolved against ``root`` (the manifest's folder).
+    ``prompt``: the object is a generation prompt, whose conversation may end with the user."""
     root = Path(root)
     fallback = f"<line {line}>" if line is not None else "<unnamed>"
     if not isinstance(raw, dict):
@@ -154,7 +155,7 @@ def parse_sample(raw: Any, root: str | Path = ".", line: int | None = None) -> S
                 raise SampleError(sid, f"{where}.content: expected a string or a non-empty list of parts")
             turns_list.append(Turn(m["role"], tuple(_part(sid, f"{where}.content[{j}]", p, root) for j, p in enumerate(parts))))
         turns = tuple(turns_list)
-        if not any(t.role == "assistant" for t in turns) and raw.get("loss", "assistant") == "assistant":
+        if not prompt and not any(t.role == "assistant" for t in turns) and raw.get("loss", "assistant") == "assistant":
             raise SampleError(sid, "no assistant turn, so nothing to train; add one or set \"loss\": \"all\"")
         default_loss = "assistant"
     loss = raw.get("loss", default_loss)

@@ -2,7 +2,8 @@
 
 Every eval sample ends with an assistant turn holding the answer and carries
 ``meta: {"answer": ..., "question_type": ...}``. The model sees the sample without that
-turn (plus the assistant header) and decodes greedily until ``<|im_end|>``. The report
+turn (plus the assistant header) and decodes greedily until ``<|im_end|>`` (``keyetron.rollout``,
+with its KV cache). The report
 compares accuracy with two baselines computed from the same split: always answering the
 most common answer overall, and always answering the most common answer of the
 question's type (the stronger one).
@@ -16,7 +17,7 @@ import torch
 
 from keyetron.backend.device import autocast
 from keyetron.data.dataset import SampleDataset
-from keyetron.model.generate import greedy_generate
+from keyetron.rollout import SamplingParams, generate
 
 
 @dataclass
@@ -79,10 +80,12 @@ def evaluate(model, dataset: SampleDataset, *, device, dtype: torch.dtype | None
     was_training = model.training
     model.eval()
     generated = []
+    greedy = SamplingParams(temperature=0, max_new_tokens=max_new_tokens)
     with autocast(device, dtype):
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
-            generated += greedy_generate(model, [d for _, d in chunk], max_new_tokens, [tok.eos_id], device)
+            results, _ = generate(model, [d for _, d in chunk], greedy, stop_ids=[tok.eos_id], device=device)
+            generated += [r[0].token_ids for r in results]
     model.train(was_training)
     by_type: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     answers, examples, correct = [], [], 0
