@@ -1,9 +1,10 @@
 """``keyetron bench generate``: the rollout engine against the cache-less greedy loop.
 
 Both decode the same prompts greedily for the same number of new tokens (no stop id, so every
-sequence runs to the end) with the same randomly initialised model; the engine's tokens must
-equal the reference's, then tokens/s and peak memory are compared. Prompts: synthetic chat-like
-token sequences, every other one with an image (real token layout, random pixels).
+sequence runs to the end) with the same randomly initialised model: tokens/s and peak tensor
+memory. A short fp64 run checks that both give the same tokens (in fp32 the two attention paths
+round differently, and the random model's near-tied logits let greedy decoding part). Prompts:
+synthetic token sequences, every other one with an image (real token layout, random pixels).
 """
 from __future__ import annotations
 
@@ -53,6 +54,17 @@ def _measure(fn, memory: bool):
     return out, seconds, peak
 
 
+def _fp64_check(config: str, seed: int, prompts: int = 8, new_tokens: int = 32) -> bool:
+    """In fp64 the engine's greedy tokens equal the cache-less loop's (a short run)."""
+    cfg = load_model_config(config)
+    model = build_model(cfg, dtype=torch.float64, seed=seed).eval()
+    docs = synthetic_prompts(cfg, prompts, 16, seed)
+    for d in docs:
+        d.pixel_values = d.pixel_values.double() if d.pixel_values is not None else None
+    results, _ = generate(model, docs, SamplingParams(temperature=0, max_new_tokens=new_tokens), stop_ids=[])
+    return [r[0].token_ids for r in results] == greedy_generate(model, docs, new_tokens, stop_ids=[])
+
+
 def run_bench(config: str = "small", prompts: int = 64, new_tokens: int = 256, prompt_tokens: int = 48,
               batch_size: int = 64, reference: bool = True, memory: bool = True, seed: int = 0) -> dict:
     cfg = load_model_config(config)
@@ -83,8 +95,13 @@ def run_bench(config: str = "small", prompts: int = 64, new_tokens: int = 256, p
         ref_tokens, ref_seconds, ref_peak = _measure(cacheless, memory)
         report["cacheless_greedy"] = {"seconds": round(ref_seconds, 3), "tokens_per_s": round(total / ref_seconds, 2),
                                       "peak_tensor_bytes": ref_peak}
-        report["same_tokens"] = ref_tokens == tokens
         report["speedup"] = round(ref_seconds / seconds, 2)
+        # fp32: the cached and the recomputed attention round differently, so where the random
+        # model's top two logits nearly tie greedy decoding can part; count how far they agree.
+        agree = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x)) for x, y in zip(tokens, ref_tokens)]
+        report["fp32_identical_sequences"] = sum(a == len(t) for a, t in zip(agree, tokens))
+        report["fp32_mean_agreeing_prefix"] = round(sum(agree) / len(agree), 1)
+    report["fp64_same_tokens"] = _fp64_check(config, seed)
     return report
 
 

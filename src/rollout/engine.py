@@ -201,14 +201,17 @@ def generate(model: KeyeVLModel, prompts: Sequence[Document], params: SamplingPa
     active = list(range(n_seq))
     new_tokens = 0
     for step_index in range(params.max_new_tokens):
-        logp = torch.log_softmax(logits, dim=-1)
+        lse = torch.logsumexp(logits, dim=-1)  # log p(t) = z_t - lse: no (n, V) log-softmax needed
         if params.greedy:
             chosen = logits.argmax(dim=-1)
         else:
             chosen = torch.tensor([choose(logits[row], params, gens[s]) for row, s in enumerate(active)],
                                   device=logits.device)
-        chosen_logp = logp.gather(1, chosen[:, None]).squeeze(1).tolist()
-        entropy = (-(logp.exp() * logp).sum(-1)).tolist() if with_entropy else None
+        chosen_logp = (logits.gather(1, chosen[:, None]).squeeze(1) - lse).tolist()
+        entropy = None
+        if with_entropy:
+            logp = logits - lse[:, None]
+            entropy = (-(logp.exp() * logp).sum(-1)).tolist()
         still, tokens = [], []
         for row, (s, token) in enumerate(zip(active, chosen.tolist())):
             r = results[s // samples][s % samples]
