@@ -153,7 +153,7 @@ def _bench_generate(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from keyetron.rollout.cli import run
+    from keyetron.train.generate import run
 
     return run(args)
 
@@ -331,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--recipe", default=None, help="a merge recipe YAML instead (see recipes/merge.yaml)")
     mg.set_defaults(func=_merge)
 
-    from keyetron.rollout.cli import add_arguments as add_generate_arguments
+    from keyetron.train.generate import add_arguments as add_generate_arguments
 
     ge = sub.add_parser("generate", help="sampled responses to a JSONL of prompts, with per-token log-probs "
                         "(KV cache; see docs/post_training.md)")

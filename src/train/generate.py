@@ -1,4 +1,5 @@
-"""``keyetron generate``: sampled responses to a JSONL file of prompts, with their log-probs.
+"""``keyetron generate``: sampled responses to a JSONL file of prompts, with their log-probs (the
+job; the engine is ``keyetron.rollout``).
 
 Prompts are records of the sample format (``keyetron.data.samples``); a conversation may end
 with the user's turn, and a final assistant turn is taken for a reference answer and left out.
