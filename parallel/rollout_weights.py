@@ -60,4 +60,47 @@ def generation_replica(par, cfg: KeyeConfig, device: torch.device | str | None =
     return model.to(device or par.topo.device).eval()
 
 
-__all__ = ["full_state", "generation_replica"]
+
+
+
+def data_parallel_rollouts(par, cfg: KeyeConfig, prompts, params, *, stop_ids, samples: int = 1, seed: int = 0,
+                           prompt_keys=None, model=None):
+    """Rollouts of ``prompts`` (documents) shared over the layout's data-parallel ranks; every rank
+    returns all of them, in the input's order, as ``keyetron.rollout.generate`` would in one process.
+
+    The cost balancer (``keyetron.parallel.balancer.assign``) deals the prompts to the DP ranks by
+    predicted ViT work (the prompt's patches) and LLM work (G x (prompt + max new tokens)); a
+    prompt's G samples stay together on one rank, prefilled once. Each rank generates its share
+    with ``model`` (default: ``generation_replica(par, cfg)``); the ranks of one DP group (its CP,
+    TP and pipeline ranks) compute the same share, and the shares are exchanged over ``dp``. Seeds
+    follow the global prompt keys, so the result does not depend on the DP size (tested)."""
+    from keyetron.data.dataset import SampleCost
+    from keyetron.parallel.balancer import assign
+    from keyetron.rollout import generate
+
+    model = model if model is not None else generation_replica(par, cfg)
+    keys = list(prompt_keys) if prompt_keys is not None else [d.sample_id or str(i) for i, d in enumerate(prompts)]
+    topo = par.topo
+    dp = topo.dims.dp if topo.distributed else 1
+    mine = list(range(len(prompts)))
+    if dp > 1 and prompts:
+        costs = [SampleCost(keys[i], samples * (len(d) + params.max_new_tokens),
+                            tuple(int(t * h * w) for t, h, w in d.vision_grid_thw.tolist())
+                            if d.vision_grid_thw is not None else ())
+                 for i, d in enumerate(prompts)]
+        rank_of = assign(costs, dp, row_tokens=sum(c.llm_tokens for c in costs)).rank_of()
+        mine = [i for i in range(len(prompts)) if rank_of[i] == topo.dp_rank]
+    results, stats = generate(model, [prompts[i] for i in mine], params, stop_ids=stop_ids, samples=samples,
+                              seed=seed, prompt_keys=[keys[i] for i in mine])
+    if dp == 1:
+        return results, [stats]
+    shares: list = [None] * dp
+    dist.all_gather_object(shares, (mine, results, stats), group=topo.group("dp"))
+    ordered: list = [None] * len(prompts)
+    for indices, share, _ in shares:
+        for i, per_prompt in zip(indices, share):
+            for r in per_prompt:
+                r.prompt_index = i
+            ordered[i] = per_prompt
+    return ordered, [s for _, _, s in shares]
+__all__ = ["data_parallel_rollouts", "full_state", "generation_replica"]

@@ -62,3 +62,38 @@ def test_every_rank_generates_with_the_weights_one_process_trained(name):
         for (tokens, logprobs), (ref_tokens, ref_logprobs) in zip(rollout, ref_rollout):
             assert tokens == ref_tokens
             torch.testing.assert_close(logprobs, ref_logprobs, rtol=0, atol=1e-9)
+
+
+def _prompt_set(cfg):
+    gen = torch.Generator().manual_seed(8)
+    return [make_document(cfg, gen, text=3 + i, images=[(4, 4)] * (i % 2), video=[(4, 4), (2, 2)] if i == 3 else (),
+                          sample_id=f"p{i}") for i in range(5)]
+
+
+def _run_shared(rank, world, dims):
+    from keyetron.parallel.rollout_weights import data_parallel_rollouts
+
+    cfg = tiny_config()
+    topo = Topology.from_process_group(dims, "cpu")
+    engine = build_engine(fresh_model(cfg), topo, sharding="zero1")
+    share = ROWS // topo.dims.dp
+    engine.step(step_rows(0, ROWS, cfg)[topo.dp_rank * share:(topo.dp_rank + 1) * share])
+    results, stats = data_parallel_rollouts(engine.par, cfg, _prompt_set(cfg), SamplingParams(temperature=1.0,
+                                            max_new_tokens=4), stop_ids=[], samples=2, seed=6)
+    return [[(r.prompt_index, r.token_ids, r.logprobs) for r in per] for per in results], [s.prompts for s in stats]
+
+
+@pytest.mark.parametrize("dims, world", [(ParallelDims(dp=2), 2), (ParallelDims(dp=2, tp=2), 4)])
+def test_prompts_shared_over_data_parallel_ranks_give_the_one_process_rollouts(dims, world):
+    cfg = tiny_config()
+    _, ref_params = reference_run(1, ROWS, cfg)
+    reference = fresh_model(cfg)
+    reference.load_state_dict(ref_params, strict=False)
+    ref, _ = generate(reference.eval(), _prompt_set(cfg), SamplingParams(temperature=1.0, max_new_tokens=4),
+                      stop_ids=[], samples=2, seed=6)
+    for results, per_rank in run_ranks(world, _run_shared, dims):
+        assert sorted(per_rank) == [2, 3]  # the balancer dealt the 5 prompts 2 + 3
+        for p, (per, ref_per) in enumerate(zip(results, ref)):
+            for (index, tokens, logprobs), r in zip(per, ref_per):
+                assert index == p and tokens == r.token_ids
+                torch.testing.assert_close(logprobs, r.logprobs, rtol=0, atol=1e-9)
