@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -179,9 +179,12 @@ class DocumentBuilder:
         """The training document; with ``prompt_only`` the evaluation prompt (no targets)."""
         return self._render(prompt_of(sample) if prompt_only else sample, prompt_only)
 
-    def build_prompt(self, sample: Sample) -> Document:
+    def build_prompt(self, sample: Sample, think: str | None = None) -> Document:
         """The generation prompt of ``sample``: its conversation without a final assistant turn
-        (a reference answer, when there is one), then the assistant header."""
+        (a reference answer, when there is one), then the assistant header; ``think`` overrides
+        the sample's own thinking mode."""
+        if think is not None:
+            sample = replace(sample, think=think)
         if sample.turns[-1].role == "assistant":
             sample = prompt_of(sample)
         return self._render(sample, True)
@@ -274,9 +277,9 @@ class SampleDataset:
     def document(self, index: int, prompt_only: bool = False) -> Document | None:
         return self._with_record(index, lambda s: self.builder.build(s, prompt_only))
 
-    def prompt(self, index: int) -> Document | None:
+    def prompt(self, index: int, think: str | None = None) -> Document | None:
         """The generation prompt of record ``index`` (``DocumentBuilder.build_prompt``)."""
-        return self._with_record(index, self.builder.build_prompt)
+        return self._with_record(index, lambda s: self.builder.build_prompt(s, think))
 
     def cost(self, index: int) -> SampleCost | None:
         return self._with_record(index, self.builder.estimate_cost)

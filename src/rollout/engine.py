@@ -60,11 +60,6 @@ class RolloutStats:
     prefill_s: float
     decode_s: float
 
-    @property
-    def tokens_per_s(self) -> float:
-        total = self.prefill_s + self.decode_s
-        return self.new_tokens / total if total > 0 else 0.0
-
 
 class KVCache:
     """Keys and values of every layer for ``slots`` sequences of up to ``max_len`` tokens."""
@@ -83,9 +78,6 @@ class KVCache:
         for cache in (*self.k.values(), *self.v.values()):
             cache[dst, :n] = cache[src, :n]
         self.lengths[dst] = n
-
-    def bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.k.values(), *self.v.values()))
 
 
 def _prefill_core(cache: KVCache, layer: int, inner, slots: list[int]):
@@ -181,10 +173,8 @@ def generate(model: KeyeVLModel, prompts: Sequence[Document], params: SamplingPa
     ends = batch.cu_seqlens[1:].long() - 1
     logits = llm.lm_head.logits(hidden[ends]).to(stat)  # (n_prompts, V)
     cache.lengths[first_slots] = torch.tensor(lengths, device=device)
-    slot_of = torch.arange(n_seq, device=device)
-    for p, slot in enumerate(first_slots):
-        if samples > 1:
-            cache.copy_slot(slot, slot_of[slot + 1:slot + samples])
+    for slot in first_slots if samples > 1 else ():
+        cache.copy_slot(slot, torch.arange(slot + 1, slot + samples, device=device))
     next_pos = torch.stack([d.position_ids.max() + 1 for d in prompts]).to(device).repeat_interleave(samples)
     logits = logits.repeat_interleave(samples, dim=0)  # (n_seq, V)
     prefill_s = time.perf_counter() - t0

@@ -14,7 +14,6 @@ import json
 import logging
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 log = logging.getLogger("keyetron.rollout")
@@ -89,11 +88,8 @@ def run(args: argparse.Namespace) -> int:
     media = {k: v for k, v in (("image_max_tokens", args.image_max_tokens),
                                ("video_total_tokens", args.video_total_tokens)) if v is not None}
     builder = DocumentBuilder(model.cfg, tok, MediaConfig(**media))
-    if args.think:
-        build = builder.build_prompt
-        builder.build_prompt = lambda s: build(replace(s, think=args.think))
     dataset = SampleDataset(open_source(args.prompts), builder, prompts=True)
-    items = [(i, d) for i in range(len(dataset)) if (d := dataset.prompt(i)) is not None]
+    items = [(i, d) for i in range(len(dataset)) if (d := dataset.prompt(i, args.think)) is not None]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     progress = _Progress(len(items) * args.samples * args.max_new_tokens)
