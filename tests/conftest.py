@@ -1,4 +1,5 @@
 import os
+import shutil
 
 import pytest
 import torch
@@ -32,3 +33,17 @@ _LAST = ("tests/backend/test_compile.py", "tests/backend/test_fp8.py")
 
 def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: any(str(item.path).endswith(name) for name in _LAST))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _remove_module_folders(request, tmp_path_factory):
+    """Delete the folders a test module made (its module fixtures' checkpoints and demo data) once
+    the module is done, unless one of its tests failed: pytest.ini's retention policy only covers
+    per-test `tmp_path`, and module folders would otherwise pile up to ~10 GB over a run."""
+    base = tmp_path_factory.getbasetemp()
+    before = set(base.iterdir())
+    failed = request.session.testsfailed
+    yield
+    if request.session.testsfailed == failed:
+        for path in set(base.iterdir()) - before:
+            shutil.rmtree(path, ignore_errors=True)
